@@ -1,0 +1,1 @@
+"""gin configuration files shipped with stmoe (installed as the package `stmoe.gin`)."""
