@@ -42,18 +42,11 @@ def set_vocabulary_path(path: str | None) -> None:
   _explicit_path = path
 
 
-def _gin_vocabulary_path() -> str | None:
-  try:
-    import gin
-    value = gin.query_parameter("%VOCABULARY_PATH")
-  except (ImportError, ValueError):  # gin absent or macro not defined
-    return None
-  return value or None
-
-
 def resolve_vocabulary_path() -> str:
   """The path of the SentencePiece model the tasks use (see the module docstring for the order)."""
-  path = _explicit_path or _gin_vocabulary_path() or os.environ.get("STMOE_VOCABULARY_PATH")
+  from stmoe.data.settings import setting
+
+  path = _explicit_path or setting("VOCABULARY_PATH", "STMOE_VOCABULARY_PATH")
   if path:
     check_special_ids(path)
     return path
@@ -76,12 +69,18 @@ def _load_processor(path: str):
   return sp
 
 
+_checked: dict[tuple[str, float], int] = {}
+
+
 def check_special_ids(path: str) -> int:
   """Refuses a SentencePiece model whose special ids differ from T5's; returns its number of pieces.
 
   T5 / stmoe: pad 0, eos 1, unk 2 and no bos. Models trained with SentencePiece's defaults (unk 0,
   bos 1, eos 2, no pad) are the common mistake this catches.
   """
+  key = (path, os.path.getmtime(path) if os.path.exists(path) else -1.0)
+  if key in _checked:
+    return _checked[key]
   sp = _load_processor(path)
   got = {"pad": sp.pad_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "bos": sp.bos_id()}
   want = {"pad": PAD_ID, "eos": EOS_ID, "unk": UNK_ID, "bos": -1}
@@ -91,7 +90,8 @@ def check_special_ids(path: str) -> int:
         f"Vocabulary {path!r} has special ids our models can't use: {diff}. stmoe needs T5's ids "
         "(pad 0, eos 1, unk 2, no bos; bos -1 means none). Retrain it with `stmoe vocab` (which sets "
         "them) or with SentencePiece options --pad_id=0 --eos_id=1 --unk_id=2 --bos_id=-1.")
-  return sp.get_piece_size()
+  _checked[key] = sp.get_piece_size()
+  return _checked[key]
 
 
 def vocabulary_size(path: str, extra_ids: int = NUM_EXTRA_IDS) -> int:

@@ -1,0 +1,64 @@
+"""Pretraining tasks: span corruption, prefix LM and causal LM over the bundled corpora, text, C4."""
+
+from __future__ import annotations
+
+import functools
+
+import seqio
+
+from stmoe.data import bundled, preprocessors, settings, sources
+from stmoe.data.seqio_vocab import output_features
+
+C4_TFDS_NAME = "c4/en:3.1.0"
+
+
+def _text_documents(split: str) -> list[str]:
+  pattern = settings.text_files()
+  if not pattern:
+    raise bundled.DataUnavailableError(
+        "text_span_corruption / text_prefix_lm / text_lm read local text files: bind their glob in gin, "
+        "e.g. `TEXT_FILES = '/data/corpus/*.txt'` (and TEXT_SPLIT_BY = 'paragraph' for blank-line "
+        "separated documents), or export STMOE_TEXT_FILES.")
+  docs = bundled.read_text_documents(pattern, settings.text_split_by())
+  percent = settings.text_validation_percent()
+  return [d for d in docs if bundled.split_of(d, percent) == split]
+
+
+SOURCES = {
+    "shakespeare": lambda: sources.text_source(bundled.shakespeare_documents, ("train", "validation")),
+    "wikipedia": lambda: sources.text_source(bundled.wikipedia_documents, ("train", "validation")),
+    "text": lambda: sources.text_source(_text_documents, ("train", "validation")),
+    "c4": lambda: sources.CheckedTfdsDataSource(C4_TFDS_NAME, splits=("train", "validation")),
+}
+
+_TOKENIZE = [
+    functools.partial(seqio.preprocessors.rekey, key_map={"inputs": None, "targets": "text"}),
+    seqio.preprocessors.tokenize,
+]
+
+
+def register(corpus: str) -> None:
+  seqio.TaskRegistry.add(
+      f"{corpus}_span_corruption",
+      source=SOURCES[corpus](),
+      preprocessors=_TOKENIZE + [preprocessors.span_corruption,
+                                 seqio.preprocessors.append_eos_after_trim],
+      output_features=output_features(with_inputs=True),
+      metric_fns=[])
+  seqio.TaskRegistry.add(
+      f"{corpus}_prefix_lm",
+      source=SOURCES[corpus](),
+      preprocessors=_TOKENIZE + [preprocessors.prefix_lm, seqio.preprocessors.append_eos_after_trim],
+      output_features=output_features(with_inputs=True),
+      metric_fns=[])
+  seqio.TaskRegistry.add(
+      f"{corpus}_lm",
+      source=SOURCES[corpus](),
+      preprocessors=_TOKENIZE + [preprocessors.causal_lm, seqio.preprocessors.append_eos_after_trim],
+      output_features=output_features(with_inputs=False),
+      metric_fns=[])
+
+
+for _corpus in SOURCES:
+  if f"{_corpus}_span_corruption" not in seqio.TaskRegistry.names():
+    register(_corpus)
