@@ -38,8 +38,8 @@ setup(
         "stmoe", "stmoe.layers", "stmoe.moe", "stmoe.models", "stmoe.training", "stmoe.interop",
         "stmoe.data", "stmoe.tasks", "stmoe.gin",
     ],
-    # `gin/` installs as `stmoe.gin` so that `stmoe train --gin_file models/st_moe_tiny.gin` finds the
-    # shipped configs after a non-editable install too (see stmoe/gin_utils.py).
+    # `gin/` installs as the data folder `stmoe/gin/` so that `--gin_file models/st_moe_tiny.gin` resolves
+    # after a regular install too (stmoe.gin_dir()); it has no __init__.py so it never shadows gin-config.
     package_dir={"stmoe": "stmoe", "stmoe.tasks": "tasks", "stmoe.gin": "gin"},
     package_data={"stmoe.gin": ["*.gin", "*/*.gin"], "stmoe.tasks": ["fixtures/**/*"]},
     include_package_data=True,

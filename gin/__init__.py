@@ -1,1 +1,0 @@
-"""gin configuration files shipped with stmoe (installed as the package `stmoe.gin`)."""

@@ -1,0 +1,118 @@
+"""gin handling shared by every command: flags, search paths, parsing with clear errors, the configured model.
+
+Flags (t5x style): --gin_file F (repeatable), --gin.NAME=VALUE (repeatable; also --gin_bindings 'NAME=VALUE'),
+--gin_search_paths a,b. The shipped gin/ folder (stmoe.gin_dir()) is always searched last, so
+`--gin_file models/st_moe_tiny.gin` works from any directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+from typing import Sequence
+
+import gin
+
+import stmoe
+
+
+class GinConfigError(ValueError):
+  """A gin file or binding could not be parsed or bound; the message says what to change."""
+
+
+def add_gin_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--gin_file", action="append", default=[],
+                      help="gin file to parse (repeatable), absolute or relative to a search path, e.g. "
+                           "models/st_moe_tiny.gin")
+  parser.add_argument("--gin_bindings", action="append", default=[],
+                      help="a gin binding such as \"TRAIN_STEPS=100\" (repeatable; same as --gin.TRAIN_STEPS=100)")
+  parser.add_argument("--gin_search_paths", default="",
+                      help="comma-separated folders to look for gin files in (the shipped gin/ is always last)")
+
+
+def parse_known_gin_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+  """Parses argv; every `--gin.NAME=VALUE` (or `--gin.NAME VALUE`) becomes a binding `NAME=VALUE`."""
+  bindings, rest = [], []
+  argv = list(argv)
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--gin."):
+      body = arg[len("--gin."):]
+      if "=" not in body:
+        if i + 1 >= len(argv):
+          raise GinConfigError(f"{arg} needs a value: write {arg}=VALUE.")
+        body = f"{body}={argv[i + 1]}"
+        i += 1
+      bindings.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  args = parser.parse_args(rest)
+  return args, list(getattr(args, "gin_bindings", []) or []) + bindings
+
+
+def search_paths(extra: str | Sequence[str] = "") -> list[str]:
+  paths = [p for p in (extra.split(",") if isinstance(extra, str) else extra) if p]
+  return paths + [os.getcwd(), stmoe.gin_dir()]
+
+
+def _import_configurables() -> None:
+  """Registers every gin-configurable of the core (not the seqio tasks: those are imported on demand)."""
+  import stmoe.config  # noqa: F401
+  import stmoe.models.api  # noqa: F401
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], extra_search_paths: str | Sequence[str] = "",
+              *, finalize: bool = False) -> None:
+  """Clears gin, then parses files and bindings; unknown names fail with a suggestion."""
+  _import_configurables()
+  gin.clear_config()
+  paths = search_paths(extra_search_paths)
+  for p in paths:
+    gin.add_config_file_search_path(p)
+  gin_logger = logging.getLogger()
+  previous = gin_logger.level
+  gin_logger.setLevel(logging.CRITICAL)  # gin logs "Path not found" for every search path it tries
+  try:
+    for f in gin_files:
+      if not any(os.path.exists(os.path.join(p, f)) for p in paths) and not os.path.exists(f):
+        raise GinConfigError(f"gin file {f!r} was not found in {paths}. Shipped files are under "
+                             f"{stmoe.gin_dir()} (e.g. models/st_moe_tiny.gin, runs/pretrain.gin).")
+    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=finalize)
+  except GinConfigError:
+    raise
+  except (ValueError, KeyError, SyntaxError, OSError) as e:
+    raise GinConfigError(_explain(e)) from e
+  finally:
+    gin_logger.setLevel(previous)
+
+
+def _explain(error: Exception) -> str:
+  msg = str(error)
+  hint = ""
+  if "No configurable matching" in msg or "Unknown" in msg or "not found" in msg.lower():
+    known = sorted({name.split(".")[-1] for name in _registered_names()})
+    token = msg.split("'")[1] if "'" in msg else ""
+    close = difflib.get_close_matches(token.split(".")[-1], known, n=3) if token else []
+    if close:
+      hint = f" Did you mean {' or '.join(close)}?"
+  return f"gin configuration error: {msg}.{hint} Check the spelling in your --gin_file/--gin.NAME=VALUE flags."
+
+
+def _registered_names() -> list[str]:
+  from gin import config as gin_config
+  registry = getattr(gin_config, "_REGISTRY", {})
+  return [str(k) for k in getattr(registry, "keys", lambda: [])()]
+
+
+def configured_model():
+  """The model built from the parsed gin config (`make_model.config = @ModelConfig()` and friends)."""
+  from stmoe.models.api import make_model
+  try:
+    return make_model()
+  except (TypeError, ValueError) as e:
+    raise GinConfigError(f"could not build the model from the gin config: {e}. Include a model file, e.g. "
+                         f"--gin_file models/st_moe_tiny.gin.") from e
