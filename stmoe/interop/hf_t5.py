@@ -1,0 +1,78 @@
+"""Import Hugging Face T5 / mT5 (``T5ForConditionalGeneration``) checkpoints into stmoe.
+
+    from stmoe.interop import hf_t5
+    model, params = hf_t5.load_pretrained("/path/to/t5-small")   # a save_pretrained directory
+    model, params = hf_t5.load_pretrained(hf_model)               # or an in-memory torch model
+    scores = model.score_batch(params, batch)
+
+T5.0 (``feed_forward_proj="relu"``, tied embeddings with the d_model**-0.5 rescale) and T5.1.1 / mT5
+(``"gated-gelu"``, separate ``lm_head``) are both supported; see docs/interop.md for the name mapping.
+A safetensors directory is read with NumPy only (no torch, no transformers needed).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from stmoe.config import ModelConfig
+from stmoe.interop import common
+
+MODEL_TYPES = ("t5", "mt5")
+ARCHITECTURES = ("T5ForConditionalGeneration", "MT5ForConditionalGeneration")
+
+
+def activations_from_feed_forward_proj(feed_forward_proj: str) -> tuple[str, ...]:
+  """HF ``feed_forward_proj`` -> stmoe activations: "gated-gelu" -> ("gelu", "linear"), "relu" -> ("relu",).
+
+  HF's rule: "gated-ACT" is a gated MLP act(x wi_0) * (x wi_1), "ACT" a plain one; "gated-gelu" means
+  the tanh-approximated gelu ("gelu_new") for backwards compatibility, while a plain "gelu" is exact.
+  """
+  parts = feed_forward_proj.split("-")
+  if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
+    raise ValueError(f"feed_forward_proj={feed_forward_proj!r} is not 'ACT' or 'gated-ACT'.")
+  act = "gelu_new" if feed_forward_proj == "gated-gelu" else parts[-1]
+  ours = common.activation_from_hf(act)
+  return (ours, "linear") if len(parts) == 2 else (ours,)
+
+
+def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
+  """A dense stmoe ModelConfig equivalent to a HF T5Config (object, dict, or path to config.json).
+
+  `overrides` replace ModelConfig fields afterwards (e.g. dtype="bfloat16", dropout_rate=0.0).
+  """
+  cfg = common.config_dict(hf_config)
+  common.check_architecture(cfg, model_types=MODEL_TYPES, architectures=ARCHITECTURES,
+                            importer="stmoe.interop.hf_t5")
+  common.check_special_tokens(cfg)
+  kwargs = common.t5_family_kwargs(cfg)
+  kwargs["activations"] = activations_from_feed_forward_proj(cfg.get("feed_forward_proj", "relu"))
+  kwargs.update(overrides)
+  return ModelConfig(**kwargs)
+
+
+def _feed_forward(weights: common.HFWeights, prefix: str, role: str, index: int, *, config: ModelConfig):
+  del role, index
+  return {"mlp": common.dense_mlp_params(weights, f"{prefix}.DenseReluDense", config.activations)}
+
+
+def params_from_state_dict(state: Mapping[str, Any], config: ModelConfig) -> dict:
+  """stmoe params (float32 numpy) from a HF T5 state dict {name: array} and the matching ModelConfig."""
+  weights = common.HFWeights(dict(state))
+  return common.encoder_decoder_params(
+      weights, config, lambda w, prefix, role, i: _feed_forward(w, prefix, role, i, config=config))
+
+
+def load_pretrained(source: Any, **overrides: Any):
+  """(model, params) from a T5 save_pretrained directory or an in-memory T5ForConditionalGeneration.
+
+  model is ``stmoe.models.api.make_model(config_from_hf(...))``; params is the float32 parameter tree
+  (NumPy arrays), checked against the tree the model initialises. `overrides` replace ModelConfig fields.
+  """
+  from stmoe.models.api import make_model
+
+  hf_cfg, state = common.read_source(source)
+  config = config_from_hf(hf_cfg, **overrides)
+  model = make_model(config)
+  params = params_from_state_dict(state, config)
+  common.check_against_model(params, model)
+  return model, params
