@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from stmoe import checkpoints as ckpt_lib
 from stmoe import partitioning
+from stmoe.training import distributed
 from stmoe.training import inputs as inputs_lib
 from stmoe.training import metrics as metrics_lib
 from stmoe.training import optimizers as opt_lib
@@ -119,7 +120,7 @@ def _write_operative_config(model_dir: str) -> None:
     f.write(gin.operative_config_str())
 
 
-@gin.configurable(denylist=["model", "mesh", "callbacks"])
+@gin.configurable(denylist=["mesh", "callbacks"])
 def train(model: Any = None,
           *,
           model_dir: str = gin.REQUIRED,
@@ -144,7 +145,8 @@ def train(model: Any = None,
           init_checkpoint: str | None = None,
           restore_optimizer_state: bool = False,
           callbacks: Sequence[Callback] = (),
-          progress: bool = True) -> TrainResult:
+          progress: bool = True,
+          step_timeout_s: float | None = 900.0) -> TrainResult:
   """Train `model` (default: the gin-configured one) for `train_steps` steps in total, resuming if possible.
 
   Args:
@@ -160,6 +162,8 @@ def train(model: Any = None,
     init_checkpoint: if MODEL_DIR has no checkpoint, load parameters from this one (fine-tuning);
       with restore_optimizer_state also its optimizer state, step and rng.
     callbacks: Callback hooks.
+    step_timeout_s: multi-process runs exit (status 3) if no step finishes in this many seconds (a dead
+      peer must not hang the others); None disables the watchdog.
   """
   model = default_model() if model is None else model
   mesh = partitioning.make_mesh() if mesh is None else mesh
@@ -269,6 +273,7 @@ def train(model: Any = None,
     return scalars
 
   step = start_step
+  watchdog = distributed.StepWatchdog(step_timeout_s if jax.process_count() > 1 else None)
   try:
     with in_mesh():
       while step < train_steps:
@@ -279,6 +284,7 @@ def train(model: Any = None,
                                                  mesh)
         ctx.state, metrics = jitted_train(ctx.state, batch)
         step += 1
+        watchdog.pet(step)
         ctx.step = step
         pending.append((step, metrics))
         period_tokens += _batch_tokens(batch)
@@ -300,6 +306,7 @@ def train(model: Any = None,
     if is_chief and not config_written:
       _write_operative_config(model_dir)
   finally:
+    watchdog.close()
     manager.close()
     writer.close()
     bar.close()
