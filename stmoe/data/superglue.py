@@ -155,8 +155,14 @@ def _label_text(task: str, label: int) -> str:
   return "<unk>" if label < 0 else TASKS[task][1][label]
 
 
-def _mark_word(words: list[str], index: int, n_words: int, mark: str) -> list[str]:
-  return words[:index] + [mark] + words[index:index + n_words] + [mark] + words[index + n_words:]
+def _mark_span(text: str, span: str, index: int, mark: str) -> str:
+  """Surrounds `span` with `mark` if it starts at whitespace-separated word `index` (else unchanged).
+
+  Matching the span as a prefix of the text after `index` words keeps trailing punctuation outside the
+  marks ("# himself #,"), as T5's WSC format does.
+  """
+  pattern = r"^((?:\S+\s){%d})(%s)" % (index, re.escape(span))
+  return re.sub(pattern, lambda m: f"{m.group(1)}{mark} {m.group(2)} {mark}", text, count=1)
 
 
 def _record_passage(passage: str) -> str:
@@ -180,13 +186,10 @@ def format_example(task: str, rec: dict, split: str) -> list[dict]:
     return [{"inputs": inputs, "targets": answers[0] if answers else "<unk>", "idx": idx,
              "answers": answers}]
   if task in ("wsc", "wsc.fixed"):
-    words = rec["text"].split(" ")
-    n1, n2 = len(rec["span1_text"].split(" ")), len(rec["span2_text"].split(" "))
-    i1, i2 = rec["span1_index"], rec["span2_index"]
-    words = _mark_word(words, i1, n1, "*")
-    i2 += 2 if i1 < i2 else 0  # two marks were inserted before span 2
-    words = _mark_word(words, i2, n2, "#")
-    return [{"inputs": _join("wsc text:", " ".join(words)), "targets": _label_text(task, rec["label"]),
+    text = _mark_span(rec["text"], rec["span1_text"], rec["span1_index"], "*")
+    i2 = rec["span2_index"] + (2 if rec["span1_index"] < rec["span2_index"] else 0)  # two marks added
+    text = _mark_span(text, rec["span2_text"], i2, "#")
+    return [{"inputs": _join("wsc text:", text), "targets": _label_text(task, rec["label"]),
              "idx": rec["idx"]}]
   fields = dict(rec)
   if task == "multirc":
