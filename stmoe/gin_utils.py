@@ -105,7 +105,7 @@ def _explain(error: Exception) -> str:
 def _registered_names() -> list[str]:
   from gin import config as gin_config
   registry = getattr(gin_config, "_REGISTRY", {})
-  return [str(k) for k in getattr(registry, "keys", lambda: [])()]
+  return [str(selector) for selector, _ in registry.items()] if hasattr(registry, "items") else []
 
 
 def configured_model():
