@@ -21,6 +21,7 @@ Everything here is plain functions; :func:`make_mesh` is gin-configurable throug
 from __future__ import annotations
 
 import contextlib
+import logging
 import dataclasses
 import math
 import re
@@ -231,6 +232,9 @@ def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RUL
     yield
 
 
+_WARNED_CONSTRAINTS = False
+
+
 def probe_activation_constraints(mesh: Mesh, fn, *abstract_args) -> bool:
   """Whether `fn` traces with the model's logical activation constraints active on `mesh`.
 
@@ -246,7 +250,10 @@ def probe_activation_constraints(mesh: Mesh, fn, *abstract_args) -> bool:
   except ValueError as e:
     if "is only valid for values of rank" not in str(e):
       raise
-    import logging
+    global _WARNED_CONSTRAINTS
+    if _WARNED_CONSTRAINTS:
+      return False
+    _WARNED_CONSTRAINTS = True
     logging.getLogger(__name__).warning(
         "Model activation sharding constraints cannot be traced (flax DenseGeneral boxes a flattened kernel "
         "with a higher-rank logical spec); running with sharding propagation from parameter and batch "

@@ -31,3 +31,104 @@ def tiny_model(**kw):
   from stmoe.models.api import make_model
 
   return make_model(tiny_config(**kw))
+
+
+def run_train(model_dir: str, *, steps: int, mesh=None, batch_size: int = 8, log_period: int = 1,
+              checkpoint_period: int = 1000, optimizer=None, **kw):
+  """trainer.train on the synthetic copy task with the tiny sparse model (no progress bar)."""
+  from stmoe.training import inputs, trainer
+
+  return trainer.train(kw.pop("model", None) or tiny_model(), model_dir=model_dir, train_steps=steps,
+                       batch_size=batch_size, task_feature_lengths=FEATURE_LENGTHS,
+                       input_fn=kw.pop("input_fn", inputs.synthetic_input), mesh=mesh, log_period=log_period,
+                       checkpoint_period=checkpoint_period, optimizer=optimizer, progress=False, **kw)
+
+
+def _flat_params(tree):
+  import jax
+  import numpy as np
+
+  return {jax.tree_util.keystr(p): np.asarray(jax.device_get(x))
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def mode_meshes(out_path: str) -> None:
+  """8 simulated devices: losses per mesh, expert-param shardings, all-to-all presence, reshard restore."""
+  import jax
+  import numpy as np
+
+  from stmoe import checkpoints, partitioning
+  from stmoe.training import optimizers, state as state_lib, trainer
+
+  assert jax.device_count() == 8, jax.devices()
+  work = os.environ.get("STMOE_TEST_TMP", "/tmp/stmoe_meshes")
+  meshes = {"1": (jax.devices()[:1], 1, 1), "data8": (None, 1, 1), "data2_expert4": (None, 4, 1),
+            "data2_expert2_model2": (None, 2, 2)}
+  report = {"losses": {}, "specs": {}}
+  finals = {}
+  opt = optimizers.adafactor(learning_rate=0.05)
+  for name, (devices, e, m) in meshes.items():
+    mesh = partitioning.make_mesh(e, m, devices=devices)
+    result = run_train(os.path.join(work, name), steps=4, mesh=mesh, optimizer=opt)
+    report["losses"][name] = [result.losses[s] for s in sorted(result.losses)]
+    wi = result.state["params"]["encoder"]["layer_1"]["moe"]["experts"]["wi"]
+    q = result.state["params"]["encoder"]["layer_1"]["self_attention"]["query"]["kernel"]
+    report["specs"][name] = {"wi": str(wi.sharding.spec), "query": str(q.sharding.spec),
+                             "wi_shard_shape": list(wi.addressable_shards[0].data.shape)}
+    finals[name] = (mesh, _flat_params(result.state["params"]))
+  # Restore the (data=2, expert=4) checkpoint onto the (data=2, expert=2, model=2) mesh and onto 1 device.
+  model = tiny_model()
+  shapes = trainer.input_shapes_for("encoder_decoder", 8, FEATURE_LENGTHS)
+  report["reshard"] = {}
+  for target in ("data2_expert2_model2", "1"):
+    mesh = finals[target][0]
+    params_abs = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"])
+    tx = optimizers.make_optimizer(opt, model.params_logical_axes(shapes), params_abs)
+    spec = state_lib.state_spec(model, tx, shapes, mesh)
+    restored, data_state = checkpoints.restore_train_state(os.path.join(work, "data2_expert4"), spec.abstract)
+    got = _flat_params(restored["params"])
+    want = finals["data2_expert4"][1]
+    wi = restored["params"]["encoder"]["layer_1"]["moe"]["experts"]["wi"]
+    report["reshard"][target] = {
+        "equal": all(np.array_equal(got[k], want[k]) for k in want) and set(got) == set(want),
+        "wi_spec": str(wi.sharding.spec), "step": int(restored["step"]), "data_state": data_state,
+        "only_params_equal": all(np.array_equal(v, want[k]) for k, v in _flat_params(
+            checkpoints.restore_params(os.path.join(work, "data2_expert4"), spec.abstract["params"])).items()),
+    }
+  # Is there an all-to-all in the compiled expert-parallel step (only when activation constraints trace)?
+  mesh = finals["data2_expert4"][0]
+  params_abs = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"])
+  batch_abs = {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in shapes.items()}
+  constrain = partitioning.probe_activation_constraints(
+      mesh, lambda p, b: model.loss_fn(p, b, None), params_abs, batch_abs)
+  report["constraints_active"] = constrain
+  param_sh = partitioning.logical_to_sharding(model.params_logical_axes(shapes), mesh, params_abs)
+  with partitioning.mesh_context(mesh, constrain_activations=constrain):
+    lowered = jax.jit(lambda p, b: jax.grad(lambda p: model.loss_fn(p, b, None)[0])(p),
+                      in_shardings=(param_sh, {k: partitioning.batch_sharding(mesh, 2) for k in shapes})
+                      ).lower(params_abs, batch_abs)
+    hlo = lowered.compile().as_text()
+  report["all_to_all"] = "all-to-all" in hlo
+  with open(out_path, "w") as f:
+    json.dump(report, f, indent=1)
+
+
+def mode_killed_run(model_dir: str, steps: str, kill_after: str) -> None:
+  """Train with checkpoints every 2 steps and SIGKILL ourselves right after step `kill_after`."""
+  import signal
+
+  from stmoe.training import optimizers, trainer
+
+  class Kill(trainer.Callback):
+    def on_step_end(self, ctx, step):
+      if step == int(kill_after):
+        ctx.checkpoints.wait()  # the last periodic checkpoint is complete; the step after it is not saved
+        os.kill(os.getpid(), signal.SIGKILL)
+
+  run_train(model_dir, steps=int(steps), checkpoint_period=2, optimizer=optimizers.adamw(1e-2),
+            callbacks=[Kill()])
+
+
+if __name__ == "__main__":
+  mode, *rest = sys.argv[1:]
+  {"meshes": mode_meshes, "killed_run": mode_killed_run}[mode](*rest)
