@@ -40,7 +40,8 @@ def batched_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _combine(out_tok: jax.Array, weights: jax.Array) -> jax.Array:
   """sum_k weights[g, t, k] * out_tok[g, t, k, :] -> [g, t, d] (in the activation dtype)."""
-  return jnp.einsum("gtk,gtkd->gtd", weights.astype(out_tok.dtype), out_tok)
+  # Elementwise multiply + sum, not an einsum: XLA:CPU would lower that to a dot with g*t tiny batches.
+  return jnp.sum(weights.astype(out_tok.dtype)[..., None] * out_tok, axis=2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,20 +70,57 @@ def dispatch_einsum(x: jax.Array, route: RouterOutput, experts: ExpertsFn, num_e
 # ----------------------------------------------------------------------------------------------------
 
 
-def _row_tokens(rows: jax.Array, num_rows: int, num_tokens: int) -> jax.Array:
-  """Invert the (token, choice) -> row map: [num_rows] token index of each row (num_tokens if empty).
+def _gather_to_rows(x: jax.Array, rows: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+  """Move tokens into rows and return (x_rows [num_rows, d], row_assign [num_rows]).
 
-  rows: [groups, tokens, k] row of each (token, choice), num_rows where it has none.
+  x: [groups, tokens, d]; rows: [groups, tokens, k] row of each (token, choice), num_rows where it has
+  none. row_assign inverts that map: the flat (token, choice) index of each row, g*t*k if empty.
   """
   g, t, k = rows.shape
-  token_id = jnp.broadcast_to(jnp.arange(g * t, dtype=jnp.int32).reshape(g, t, 1), rows.shape)  # [g, t, k]
-  return jnp.full((num_rows,), num_tokens, jnp.int32).at[rows.reshape(-1)].set(
-      token_id.reshape(-1), mode="drop", unique_indices=True)  # [rows]
+  n, a = g * t, g * t * k
+  flat_rows = rows.reshape(n, k)  # [tokens, k]
+  row_assign = jnp.full((num_rows,), a, jnp.int32).at[flat_rows.reshape(-1)].set(
+      jnp.arange(a, dtype=jnp.int32), mode="drop", unique_indices=True)  # [rows]
+  row_token = jnp.where(row_assign < a, row_assign // k, n)  # [rows]
+  x_rows = permute_rows(x.reshape(n, x.shape[-1]), row_token, flat_rows)  # [rows, d]
+  return x_rows, row_assign
 
 
-def _gather_rows(src: jax.Array, index: jax.Array) -> jax.Array:
-  """src[index] along axis 0, zeros where index == len(src) (out of range)."""
+def _gather_from_rows(out_rows: jax.Array, rows: jax.Array, row_assign: jax.Array) -> jax.Array:
+  """[num_rows, d] expert outputs -> [groups, tokens, k, d] per (token, choice), 0 where none."""
+  out_tok = permute_rows(out_rows, rows.reshape(-1), row_assign[:, None])  # [g*t*k, d]
+  return out_tok.reshape(*rows.shape, out_rows.shape[-1])
+
+
+def _take(src: jax.Array, index: jax.Array) -> jax.Array:
+  """src[index] along axis 0, zeros where index is out of range (the "empty" sentinel len(src))."""
   return jnp.take(src, index, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def permute_rows(src: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+  """out[i] = src[index[i]] (0 where index[i] is out of range), with a gather as its transpose.
+
+  Args:
+    src: [n, d]; index: [m] rows of src; inverse: [n, j], for each src row the out rows that read it
+      (out-of-range where fewer than j do), i.e. the inverse of the partial map `index`.
+  The default transpose of a gather is a scatter-add, which XLA runs slowly (serially) on CPU; since
+  our maps are injective per (token, choice), the transpose is a gather plus a sum over j.
+  """
+  return _take(src, index)
+
+
+def _permute_fwd(src, index, inverse):
+  return _take(src, index), (index, inverse)
+
+
+def _permute_bwd(res, dout):
+  index, inverse = res
+  dsrc = jnp.sum(_take(dout, inverse.reshape(-1)).reshape(*inverse.shape, dout.shape[-1]), axis=1)  # [n, d]
+  return dsrc, None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
 def dispatch_sort(x: jax.Array, route: RouterOutput, experts: ExpertsFn, num_experts: int) -> jax.Array:
@@ -92,12 +130,12 @@ def dispatch_sort(x: jax.Array, route: RouterOutput, experts: ExpertsFn, num_exp
   num_rows = num_experts * g * c
   group = jnp.arange(g, dtype=jnp.int32)[:, None, None]
   rows = jnp.where(route.kept, route.expert_index * (g * c) + group * c + route.position, num_rows)  # [g, t, k]
-  row_token = _row_tokens(rows, num_rows, g * t)  # [e*g*c]
-  buffers = _gather_rows(x.reshape(g * t, d), row_token).reshape(num_experts, g, c, d)  # [e, g, c, d]
+  x_rows, row_assign = _gather_to_rows(x, rows, num_rows)  # [e*g*c, d], [e*g*c]
+  buffers = x_rows.reshape(num_experts, g, c, d)  # [e, g, c, d]
   buffers = nn.with_logical_constraint(buffers, BUFFER_AXES)
   out = experts(buffers.reshape(num_experts, g * c, d), batched_matmul).reshape(num_experts, g, c, d)
   out = nn.with_logical_constraint(out, BUFFER_AXES)
-  out_tok = _gather_rows(out.reshape(num_rows, d), rows.reshape(-1)).reshape(*rows.shape, d)  # [g, t, k, d]
+  out_tok = _gather_from_rows(out.reshape(num_rows, d), rows, row_assign)  # [g, t, k, d]
   return _combine(out_tok, route.combine_weights)
 
 
@@ -107,42 +145,54 @@ def dispatch_sort(x: jax.Array, route: RouterOutput, experts: ExpertsFn, num_exp
 
 
 @jax.custom_vjp
-def block_grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array) -> jax.Array:
-  """Rows in blocks of one expert each: out[b] = x[b] @ w[block_expert[b]].
+def block_grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, num_used: jax.Array) -> jax.Array:
+  """Rows in blocks of one expert each: out[b] = x[b] @ w[block_expert[b]] for b < num_used, else 0.
 
-  x: [blocks, block_size, in]; w: [experts, in, out]; block_expert: [blocks] int32. A loop over
-  blocks (lax.scan) that never materialises per-block copies of the weights; the custom VJP
-  accumulates dw in place per expert instead of summing a full [experts, in, out] per block.
+  x: [blocks, block_size, in]; w: [experts, in, out]; block_expert: [blocks] int32; num_used: []
+  int32, blocks past it (the static bound's slack) are skipped. A loop over blocks (lax.scan) that
+  never materialises per-block copies of the weights; the custom VJP accumulates dw in place per
+  expert instead of adding a full [experts, in, out] cotangent per block.
   """
-  return _bgmm_fwd_impl(x, w, block_expert)
+  return _bgmm_fwd_impl(x, w, block_expert, num_used)
 
 
-def _bgmm_fwd_impl(x, w, block_expert):
+def _bgmm_fwd_impl(x, w, block_expert, num_used):
+  out_shape = (x.shape[1], w.shape[-1])
+
   def body(_, xs):
-    xb, e = xs
-    return None, xb @ jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # [block, out]
-  _, out = jax.lax.scan(body, None, (x, block_expert))
+    xb, e, i = xs
+    out = jax.lax.cond(
+        i < num_used, lambda: xb @ jax.lax.dynamic_index_in_dim(w, e, keepdims=False),
+        lambda: jnp.zeros(out_shape, jnp.result_type(x, w)))
+    return None, out  # [block, out]
+
+  _, out = jax.lax.scan(body, None, (x, block_expert, jnp.arange(x.shape[0], dtype=jnp.int32)))
   return out  # [blocks, block, out]
 
 
-def _bgmm_fwd(x, w, block_expert):
-  return _bgmm_fwd_impl(x, w, block_expert), (x, w, block_expert)
+def _bgmm_fwd(x, w, block_expert, num_used):
+  return _bgmm_fwd_impl(x, w, block_expert, num_used), (x, w, block_expert, num_used)
 
 
 def _bgmm_bwd(res, dy):
-  x, w, block_expert = res
+  x, w, block_expert, num_used = res
+  acc = jnp.promote_types(w.dtype, jnp.float32)
+
+  def used(dw, xb, dyb, e):
+    we = jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # [in, out]
+    upd = jax.lax.dynamic_index_in_dim(dw, e, keepdims=False) + xb.T.astype(acc) @ dyb.astype(acc)
+    return jax.lax.dynamic_update_index_in_dim(dw, upd, e, 0), dyb @ we.T  # dw, dx [block, in]
+
+  def unused(dw, xb, dyb, e):
+    return dw, jnp.zeros(xb.shape, jnp.result_type(dy, w))
 
   def body(dw, xs):
-    xb, dyb, e = xs
-    we = jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # [in, out]
-    dxb = dyb @ we.T  # [block, in]
-    upd = jax.lax.dynamic_index_in_dim(dw, e, keepdims=False) + xb.T.astype(dw.dtype) @ dyb.astype(dw.dtype)
-    dw = jax.lax.dynamic_update_index_in_dim(dw, upd, e, 0)
-    return dw, dxb
+    xb, dyb, e, i = xs
+    return jax.lax.cond(i < num_used, used, unused, dw, xb, dyb, e)
 
-  dw0 = jnp.zeros(w.shape, jnp.promote_types(w.dtype, jnp.float32))
-  dw, dx = jax.lax.scan(body, dw0, (x, dy, block_expert))
-  return dx.astype(x.dtype), dw.astype(w.dtype), None
+  dw0 = jnp.zeros(w.shape, acc)
+  dw, dx = jax.lax.scan(body, dw0, (x, dy, block_expert, jnp.arange(x.shape[0], dtype=jnp.int32)))
+  return dx.astype(x.dtype), dw.astype(w.dtype), None, None
 
 
 block_grouped_matmul.defvjp(_bgmm_fwd, _bgmm_bwd)
@@ -180,8 +230,7 @@ def dispatch_dropless(x: jax.Array, route: RouterOutput, experts: ExpertsFn, num
   start = jnp.cumsum(segment) - segment  # [e]
   within = jnp.take_along_axis(group_offset, route.expert_index.reshape(g, t * k), axis=1).reshape(g, t, k)
   rows = jnp.where(route.kept, start[route.expert_index] + within + route.position, num_rows)  # [g, t, k]
-  row_token = _row_tokens(rows, num_rows, g * t)  # [rows]
-  x_rows = _gather_rows(x.reshape(g * t, d), row_token)  # [rows, d]
+  x_rows, row_assign = _gather_to_rows(x, rows, num_rows)  # [rows, d], [rows]
 
   if impl == "ragged":
     group_sizes = per_expert.astype(jnp.int32)
@@ -192,13 +241,14 @@ def dispatch_dropless(x: jax.Array, route: RouterOutput, experts: ExpertsFn, num
     end = start + segment  # [e]
     block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block_size  # [blocks]
     block_expert = jnp.minimum(jnp.sum(block_start[:, None] >= end[None, :], axis=1), e - 1).astype(jnp.int32)
+    num_used = (jnp.sum(segment) // block_size).astype(jnp.int32)  # []
 
     def matmul(a, w):
-      out = block_grouped_matmul(a.reshape(num_blocks, block_size, a.shape[-1]), w, block_expert)
+      out = block_grouped_matmul(a.reshape(num_blocks, block_size, a.shape[-1]), w, block_expert, num_used)
       return out.reshape(num_rows, w.shape[-1])  # [rows, out]
 
   out_rows = experts(x_rows, matmul)  # [rows, d]
-  out_tok = _gather_rows(out_rows, rows.reshape(-1)).reshape(g, t, k, d)  # [g, t, k, d]
+  out_tok = _gather_from_rows(out_rows, rows, row_assign)  # [g, t, k, d]
   return _combine(out_tok, route.combine_weights)
 
 
