@@ -102,3 +102,21 @@ def test_tasks_use_the_selected_vocabulary(monkeypatch, tmp_path, corpus):
   assert v.decode(v.encode(text)) == text
   monkeypatch.delenv("STMOE_VOCABULARY_PATH")
   assert v.vocab_size == vocab.DEFAULT_BUNDLED_VOCAB_SIZE + 100  # back to the bundled one
+
+
+def test_shipped_data_gin_files_parse_and_select(tmp_path):
+  import glob
+  import gin
+  from stmoe.data import settings
+  files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "gin", "data", "*.gin")))
+  assert len(files) == 3
+  try:
+    for f in files:
+      gin.clear_config()
+      gin.parse_config_file(f)
+      assert gin.query_parameter("%MIXTURE_OR_TASK_NAME")
+      assert settings.setting("VOCABULARY_PATH") is None  # None falls through to env / bundled
+    gin.parse_config(f"SUPERGLUE_DIR = '{tmp_path}'")
+    assert settings.superglue_dir() == str(tmp_path)
+  finally:
+    gin.clear_config()
