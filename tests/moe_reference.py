@@ -1,0 +1,207 @@
+"""Plain NumPy loop references for the routers, losses and the whole MoE layer.
+
+Written from the papers' descriptions (Switch, ST-MoE, GShard/fairseq, Shazeer 2017, expert choice),
+one token at a time, independently of stmoe's vectorised JAX code: the tests compare the two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def softmax(v: np.ndarray) -> np.ndarray:
+  v = np.asarray(v, np.float64)
+  e = np.exp(v - v.max(axis=-1, keepdims=True))
+  return e / e.sum(axis=-1, keepdims=True)
+
+
+def logsumexp(v: np.ndarray) -> np.ndarray:
+  v = np.asarray(v, np.float64)
+  m = v.max(axis=-1)
+  return m + np.log(np.exp(v - m[..., None]).sum(axis=-1))
+
+
+def capacity(convention: str, group_size: int, num_experts: int, cf: float = 1.25, min_cap: int = 4,
+             absolute: int | None = None) -> int:
+  if convention == "stmoe":
+    c = max(min_cap, int(round(cf * group_size / num_experts)))
+  elif convention == "gshard":
+    c = max(min_cap, 2 * math.ceil(group_size / num_experts))
+  else:
+    c = absolute
+  return max(1, min(c, group_size))
+
+
+def tokens_choose(logits, mask, *, k, cap, renormalize="none", policy="all", threshold=0.2, bpr=False,
+                  uniform=None):
+  """Per group, per token: choices, gates, slots. Returns dict of [G, T, k] arrays (positions -1 if dropped)."""
+  g_n, t_n, e_n = logits.shape
+  mask = np.ones((g_n, t_n)) if mask is None else np.asarray(mask)
+  expert = np.zeros((g_n, t_n, k), np.int64)
+  gate = np.zeros((g_n, t_n, k))
+  pos = np.full((g_n, t_n, k), -1)
+  kept = np.zeros((g_n, t_n, k), bool)
+  for g in range(g_n):
+    probs = softmax(logits[g])
+    routed = np.zeros((t_n, k), bool)
+    for t in range(t_n):
+      p = probs[t]
+      order = sorted(range(e_n), key=lambda i: -p[i])
+      choices = order[:k]
+      if policy == "sampling" and uniform is not None:
+        first = order[0]
+        rest = [p[i] if i != first else 0.0 for i in range(e_n)]
+        total = sum(rest)
+        acc, second = 0.0, None
+        for i in range(e_n):
+          acc += rest[i] / total
+          if acc > uniform[g, t] and rest[i] > 0:
+            second = i
+            break
+        choices = [first, second if second is not None else order[1]]
+      gates = [p[i] for i in choices]
+      if renormalize == "before_drop":
+        s = sum(gates)
+        gates = [x / s for x in gates]
+      ok = [mask[g, t] > 0] * k
+      if policy == "random" and uniform is not None:
+        ok[1] = ok[1] and uniform[g, t] < gates[1] / threshold
+      expert[g, t] = choices
+      gate[g, t] = gates
+      routed[t] = ok
+    if bpr:
+      conf = [(probs[t].max() if mask[g, t] > 0 else -1.0) for t in range(t_n)]
+      admit = sorted(range(t_n), key=lambda t: (-conf[t], t))
+    else:
+      admit = list(range(t_n))
+    fill = [0] * e_n
+    for j in range(k):
+      for t in admit:
+        if not routed[t, j]:
+          continue
+        e = expert[g, t, j]
+        if fill[e] < cap:
+          pos[g, t, j] = fill[e]
+          kept[g, t, j] = True
+        fill[e] += 1
+    for t in range(t_n):
+      gate[g, t] = gate[g, t] * kept[g, t]
+      if renormalize == "after_drop":
+        s = gate[g, t].sum()
+        gate[g, t] = gate[g, t] / s if s > 0 else 0.0
+  return dict(expert=expert, gate=gate, pos=pos, kept=kept)
+
+
+def expert_choice(logits, mask, *, cap):
+  """Each expert picks its top-`cap` real tokens (ties: lower index). Returns [G, T, E] gate, pos, kept."""
+  g_n, t_n, e_n = logits.shape
+  mask = np.ones((g_n, t_n)) if mask is None else np.asarray(mask)
+  gate = np.zeros((g_n, t_n, e_n))
+  pos = np.full((g_n, t_n, e_n), -1)
+  for g in range(g_n):
+    probs = softmax(logits[g])
+    for e in range(e_n):
+      cands = sorted([t for t in range(t_n) if mask[g, t] > 0], key=lambda t: (-probs[t, e], t))
+      for c, t in enumerate(cands[:cap]):
+        gate[g, t, e] = probs[t, e]
+        pos[g, t, e] = c
+  return dict(expert=np.broadcast_to(np.arange(e_n), (g_n, t_n, e_n)), gate=gate, pos=pos, kept=pos >= 0)
+
+
+def normal_cdf(z):
+  return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def cv_squared(v):
+  v = np.asarray(v, np.float64)
+  if len(v) <= 1:
+    return 0.0
+  return v.var() / (v.mean() ** 2 + 1e-10)
+
+
+def noisy_top_k(clean, noise_std, mask, *, k, normal=None):
+  """Shazeer 2017: gates, and the importance + load auxiliary loss (averaged over groups)."""
+  g_n, t_n, e_n = clean.shape
+  mask = np.ones((g_n, t_n)) if mask is None else np.asarray(mask)
+  dense = np.zeros((g_n, t_n, e_n))
+  aux = 0.0
+  for g in range(g_n):
+    importance = np.zeros(e_n)
+    load = np.zeros(e_n)
+    for t in range(t_n):
+      h = clean[g, t] + (0.0 if normal is None else normal[g, t] * noise_std[g, t])
+      top = sorted(range(e_n), key=lambda i: -h[i])[:k]
+      w = softmax(np.array([h[i] for i in top]))
+      if mask[g, t] > 0:
+        for i, wi in zip(top, w):
+          dense[g, t, i] = wi
+        importance += dense[g, t]
+        if normal is None:
+          load += dense[g, t] > 0
+        else:
+          for i in range(e_n):
+            others = sorted([h[j] for j in range(e_n) if j != i], reverse=True)
+            kth_excluding = others[k - 1]
+            load[i] += normal_cdf((clean[g, t, i] - kth_excluding) / noise_std[g, t, i])
+    aux += cv_squared(importance) + cv_squared(load)
+  return dense, aux / g_n
+
+
+def z_loss(logits, mask):
+  lse = logsumexp(logits)
+  mask = np.ones(lse.shape) if mask is None else np.asarray(mask, np.float64)
+  return float((lse**2 * mask).sum() / mask.sum())
+
+
+def load_balance(logits, expert, mask, count):
+  """E * sum_i f_i P_i per group, averaged; f from top-1 ('top1') or any of the k choices ('all')."""
+  g_n, t_n, e_n = logits.shape
+  mask = np.ones((g_n, t_n)) if mask is None else np.asarray(mask)
+  total = 0.0
+  for g in range(g_n):
+    probs = softmax(logits[g])
+    real = [t for t in range(t_n) if mask[g, t] > 0]
+    f = np.zeros(e_n)
+    p = np.zeros(e_n)
+    for t in real:
+      chosen = set(expert[g, t, :1] if count == "top1" else expert[g, t])
+      for i in chosen:
+        f[i] += 1.0 / len(real)
+      p += probs[t] / len(real)
+    total += e_n * float((f * p).sum())
+  return total / g_n
+
+
+ACT = {
+    "relu": lambda v: np.maximum(v, 0.0),
+    "linear": lambda v: v,
+    "gelu": lambda v: 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3))),
+}
+
+
+def expert_mlp(x, params, e, activations):
+  """One token through expert e: T5 MLP without biases (gated if several activations)."""
+  if len(activations) == 1:
+    h = ACT[activations[0]](x @ params["wi"][e])
+  else:
+    h = np.ones(params["wo"].shape[1])
+    for i, a in enumerate(activations):
+      h = h * ACT[a](x @ params[f"wi_{i}"][e])
+  return h @ params["wo"][e]
+
+
+def moe_layer(x, mask, params, route, activations):
+  """Whole layer, one token at a time: y[t] = sum over kept choices of gate * expert(x[t]).
+
+  x: [groups, tokens, d]; route: dict from tokens_choose / expert_choice.
+  """
+  y = np.zeros(x.shape)
+  g_n, t_n, k = route["kept"].shape
+  for g in range(g_n):
+    for t in range(t_n):
+      for j in range(k):
+        if route["kept"][g, t, j]:
+          y[g, t] += route["gate"][g, t, j] * expert_mlp(x[g, t], params, route["expert"][g, t, j], activations)
+  return y
