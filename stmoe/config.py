@@ -178,7 +178,9 @@ class ModelConfig:
   decoder_sparse: SparseLayout = SparseLayout()
   # Memory/speed.
   remat: bool = False  # rematerialise each layer in the backward pass
-  scan_layers: bool = False  # scan over identical repeating layer groups (faster compiles)
+  # Scan over groups of layers that repeat the sparse pattern (e.g. [dense, sparse] for every=2): one
+  # compiled group instead of N layers, and parameters stacked under `layers/` with a leading "layers" axis.
+  scan_layers: bool = False
 
   def __post_init__(self):
     for a in self.activations:

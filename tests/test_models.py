@@ -236,3 +236,32 @@ def test_decoder_only_prompt_alignment_matches_full_forward(lm):
       np.concatenate([prompt, np.zeros((1, 3), np.int32)], 1))}, max_decode_length=2))
   logits = _logits(model, params, {"decoder_input_tokens": prompt, "decoder_target_tokens": np.ones_like(prompt)})
   assert out[0, 0] == logits[0, -1].argmax()
+
+
+def test_scan_layers_and_remat_match_the_layer_loop():
+  """scan_layers (+remat) computes exactly what the plain layer loop computes with the same weights."""
+  cfg = tiny_sparse_config(num_encoder_layers=4, num_decoder_layers=4)
+  plain, scanned = make_model(cfg), make_model(cfg.replace(scan_layers=True, remat=True))
+  shapes = {"encoder_input_tokens": (2, 9), "decoder_input_tokens": (2, 7)}
+  params = plain.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"]
+  axes = scanned.params_logical_axes(shapes)
+  assert tuple(axes["encoder"]["layers"]["layer_1"]["moe"]["experts"]["wi"]) == ("layers", "expert", "embed", "mlp")
+
+  def stack_layers(stack):  # layer_{2g+j} -> layers/layer_j[g]
+    out = {k: v for k, v in stack.items() if not k.startswith("layer_")}
+    out["layers"] = {f"layer_{j}": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
+                                                          *[stack[f"layer_{2 * g + j}"] for g in range(2)])
+                     for j in range(2)}
+    return out
+
+  sparams = dict(params, encoder=stack_layers(params["encoder"]), decoder=stack_layers(params["decoder"]))
+  assert jax.tree_util.tree_structure(sparams) == jax.tree_util.tree_structure(
+      scanned.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"])
+  batch = {k: jnp.asarray(v) for k, v in random_batch(np.random.RandomState(10), 2, 9, 7).items()}
+  l1, m1 = plain.loss_fn(params, batch, None)
+  l2, m2 = scanned.loss_fn(sparams, batch, None)
+  np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+  for key in ("experts/encoder/layer_3/auxiliary_loss", "experts/decoder/layer_1/router_z_loss"):
+    np.testing.assert_allclose(float(m1[key]), float(m2[key]), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(plain.predict_batch(params, batch)),
+                                np.asarray(scanned.predict_batch(sparams, batch)))

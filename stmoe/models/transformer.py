@@ -152,14 +152,70 @@ class TransformerStack(nn.Module):
     x = self.embedder(tokens)  # [batch, length, embed]
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-    sparse = set(sparse_layers(cfg, self.role))
-    layer_cls = nn.remat(TransformerLayer) if cfg.remat else TransformerLayer
-    auxes = {}
-    for i in range(num_layers(cfg, self.role)):
-      layer = layer_cls(cfg, self.role, i in sparse, deterministic, decode, name=f"layer_{i}")
-      x, aux = layer(x, self_mask, bias, valid, encoded, cross_mask, cache_index)
-      if aux is not None:
-        auxes[f"layer_{i}"] = aux
+    args = (self_mask, bias, valid, encoded, cross_mask, cache_index)
+    if cfg.scan_layers:
+      x, auxes = self._scanned_layers(x, args, deterministic, decode)
+    else:
+      sparse = set(sparse_layers(cfg, self.role))
+      layer_cls = nn.remat(TransformerLayer) if cfg.remat else TransformerLayer
+      auxes = {}
+      for i in range(num_layers(cfg, self.role)):
+        layer = layer_cls(cfg, self.role, i in sparse, deterministic, decode, name=f"layer_{i}")
+        x, aux = layer(x, *args)
+        if aux is not None:
+          auxes[f"layer_{i}"] = aux
     x = RMSNorm(cfg.layer_norm_epsilon, dtype, name="final_norm")(x)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     return x, auxes
+
+  def _scanned_layers(self, x: Array, args: tuple, deterministic: bool, decode: bool):
+    """jax.lax.scan over groups of layers that repeat the sparse pattern (one compile of one group).
+
+    Parameters get a leading axis named "layers" ([groups, ...], under `layers/layer_j`); the per-layer
+    MoeAux are unstacked back to absolute layer names so metrics look the same as without scan.
+    """
+    cfg = self.config
+    period = scan_period(cfg, self.role)
+    sparse = set(sparse_layers(cfg, self.role))
+    pattern = tuple(j in sparse for j in range(period))
+    group_cls = nn.remat(LayerGroup, prevent_cse=False) if cfg.remat else LayerGroup
+    scanned = nn.scan(group_cls, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * len(args),
+                      length=num_layers(cfg, self.role) // period, metadata_params={nn.PARTITION_NAME: "layers"})
+    x, stacked = scanned(cfg, self.role, pattern, deterministic, decode, name="layers")(x, *args)
+    auxes = {}
+    for g in range(num_layers(cfg, self.role) // period):
+      for j in range(period):
+        if f"layer_{j}" in stacked:
+          auxes[f"layer_{g * period + j}"] = jax.tree_util.tree_map(lambda a: a[g], stacked[f"layer_{j}"])
+    return x, auxes
+
+
+class LayerGroup(nn.Module):
+  """`len(pattern)` consecutive layers (True = sparse): the unit that scan_layers repeats."""
+
+  config: ModelConfig
+  role: Role
+  pattern: tuple[bool, ...]
+  deterministic: bool = True
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array, *args):
+    auxes = {}
+    for j, sparse in enumerate(self.pattern):
+      x, aux = TransformerLayer(self.config, self.role, sparse, self.deterministic, self.decode,
+                                name=f"layer_{j}")(x, *args)
+      if aux is not None:
+        auxes[f"layer_{j}"] = aux
+    return x, auxes
+
+
+def scan_period(config: ModelConfig, role: Role) -> int:
+  """Smallest p dividing the layer count such that layer i is sparse iff layer i % p is."""
+  n = num_layers(config, role)
+  sparse = set(sparse_layers(config, role))
+  for p in range(1, n + 1):
+    if n % p == 0 and all((i in sparse) == (i % p in sparse) for i in range(n)):
+      return p
+  return n
