@@ -174,3 +174,7 @@ def test_missing_data_messages(monkeypatch, tmp_path):
     sources.superglue_examples("boolq", "train")
   with pytest.raises(sources.MissingDataError, match="tfds build c4.*TFDS_DATA_DIR"):
     sources.check_tfds("c4/en:3.1.0")
+  import seqio
+  import stmoe.tasks  # noqa: F401
+  with pytest.raises(sources.MissingDataError, match="tfds build c4/en"):  # through the task itself
+    seqio.get_mixture_or_task("c4_span_corruption").get_dataset({"inputs": 32, "targets": 8})

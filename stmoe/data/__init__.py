@@ -1,0 +1,9 @@
+"""Data: vocabularies, bundled real corpora, seqio tasks' building blocks and the input pipeline.
+
+TF-free (importable alone): `vocab` (T5-id SentencePiece vocabularies, `stmoe vocab`), `bundled` (the
+Shakespeare / Wikipedia / Rotten Tomatoes corpora, `stmoe data`), `settings` (gin macros for data
+locations), `span_corruption` (lengths + NumPy reference), `superglue` (JSONL reading, T5 format,
+postprocessors), `superglue_metrics`, `pipeline` (imports seqio only when an iterator is built).
+seqio/TensorFlow: `preprocessors`, `sources`, `seqio_vocab` (used by the registrations in stmoe.tasks).
+See docs/data.md.
+"""

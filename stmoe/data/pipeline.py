@@ -51,7 +51,8 @@ class DataIterator:
   """Training batches (int32 numpy dicts with t5x feature names) of THIS process's shard.
 
   Each process reads its own shard (`shard_id` of `num_shards`) and yields `batch_size // num_shards`
-  rows per batch. The same arguments and seed give the same batches; `set_state(get_state())` after p
+  rows per batch. The same arguments and (non-None) seed give the same batches; with seed=None the
+  stream is random and can't be resumed exactly. `set_state(get_state())` after p
   batches yields exactly what an uninterrupted iterator yields from batch p on (the stream is rebuilt
   and the first p batches are skipped, so a resume costs the time to recompute them).
   """
