@@ -178,3 +178,20 @@ def test_missing_data_messages(monkeypatch, tmp_path):
   import stmoe.tasks  # noqa: F401
   with pytest.raises(sources.MissingDataError, match="tfds build c4/en"):  # through the task itself
     seqio.get_mixture_or_task("c4_span_corruption").get_dataset({"inputs": 32, "targets": 8})
+
+
+def test_every_task_runs_through_seqio_on_its_fixture(monkeypatch):
+  monkeypatch.setenv("STMOE_SUPERGLUE_DIR", FIXTURES)
+  import seqio
+  import stmoe.tasks  # noqa: F401
+  for task in sg.TASKS:
+    split = "test" if task in sg.DIAGNOSTICS else "validation"
+    want = _examples(task)
+    t = seqio.get_mixture_or_task(f"super_glue_{task}_v102")
+    examples = list(t.get_dataset({"inputs": 128, "targets": 8}, split=split, shuffle=False)
+                    .as_numpy_iterator())
+    assert [ex["inputs_pretokenized"].decode() for ex in examples] == [w["inputs"] for w in want], task
+    assert [ex["targets_pretokenized"].decode() for ex in examples] == [w["targets"] for w in want], task
+    vocab = t.output_features["inputs"].vocabulary
+    assert vocab.decode(examples[0]["inputs"].tolist()).startswith(want[0]["inputs"][:20]), task
+    assert examples[0]["inputs"][-1] == 1 and examples[0]["targets"][-1] == 1  # EOS
