@@ -19,8 +19,9 @@ def tiny_config(num_experts: int = 4, dtype: str = "float32", **moe_overrides):
   """2+2 layers, d_model 32, 4 heads, 4 experts top-2 on every other layer (layers 1 of each stack)."""
   from stmoe.config import ModelConfig, MoeConfig, SparseLayout
 
-  moe = MoeConfig(num_experts=num_experts, num_selected_experts=2, d_ff=32, group_size=32,
-                  train_capacity_factor=2.0, eval_capacity_factor=2.0, **moe_overrides)
+  settings = dict(num_experts=num_experts, num_selected_experts=2, d_ff=32, group_size=32,
+                  train_capacity_factor=2.0, eval_capacity_factor=2.0)
+  moe = MoeConfig(**{**settings, **moe_overrides})
   return ModelConfig(vocab_size=VOCAB, d_model=32, num_heads=4, d_kv=8, d_ff=64, num_encoder_layers=2,
                      num_decoder_layers=2, activations=("relu",), moe=moe, dtype=dtype,
                      encoder_sparse=SparseLayout(kind="every", every=2),
@@ -102,6 +103,11 @@ def mode_meshes(out_path: str) -> None:
   constrain = partitioning.probe_activation_constraints(
       mesh, lambda p, b: model.loss_fn(p, b, None), params_abs, batch_abs)
   report["constraints_active"] = constrain
+  report["all_to_all"] = None
+  if not constrain:  # nothing to look for: XLA propagates from parameter/batch shardings only
+    with open(out_path, "w") as f:
+      json.dump(report, f, indent=1)
+    return
   param_sh = partitioning.logical_to_sharding(model.params_logical_axes(shapes), mesh, params_abs)
   with partitioning.mesh_context(mesh, constrain_activations=constrain):
     lowered = jax.jit(lambda p, b: jax.grad(lambda p: model.loss_fn(p, b, None)[0])(p),
