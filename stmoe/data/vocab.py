@@ -10,7 +10,7 @@ Which vocabulary the tasks use, first match wins:
 2. the gin macro `VOCABULARY_PATH = "/path/to/spm.model"` (e.g. T5's cc_all.32000 if you have it);
 3. the environment variable `STMOE_VOCABULARY_PATH`;
 4. the default bundled vocabulary: 8,000 pieces trained on the train splits of the bundled Shakespeare
-   and Wikipedia corpora, trained once on demand (~10 s) and cached in $STMOE_CACHE_DIR (~/.cache/stmoe).
+   and Wikipedia corpora, trained once on demand (~10-30 s) and cached in $STMOE_CACHE_DIR (~/.cache/stmoe).
 
 `stmoe vocab --input GLOB --vocab_size N --output PATH.model` trains a vocabulary on your own text.
 """
@@ -115,11 +115,12 @@ def check_vocab_matches_model(vocab_size: int, model_vocab_size: int) -> None:
 
 def train_vocabulary(input_files: list[str], vocab_size: int, output: str, *,
                      model_type: str = "unigram", character_coverage: float = 1.0,
-                     num_threads: int = 1) -> str:
+                     num_threads: int = 1, max_sentences: int = 0) -> str:
   """Trains a SentencePiece model with T5's special ids; writes `output` (a .model path); returns it.
 
-  Each input line is one sentence. Deterministic for the same inputs and settings: all sentences are
-  used (no sampling) and the thread count is fixed.
+  Each input line is one sentence. Deterministic for the same inputs and settings when all sentences
+  are used (max_sentences=0, the default) and the thread count is fixed; for large corpora set
+  `max_sentences` (e.g. 10_000_000) to train on a random sample of that many lines.
   """
   import sentencepiece as spm
 
@@ -132,7 +133,8 @@ def train_vocabulary(input_files: list[str], vocab_size: int, output: str, *,
   spm.SentencePieceTrainer.train(
       input=",".join(input_files), model_prefix=prefix, vocab_size=vocab_size, model_type=model_type,
       character_coverage=character_coverage, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
-      input_sentence_size=0, shuffle_input_sentence=False, num_threads=num_threads,
+      input_sentence_size=max_sentences, shuffle_input_sentence=max_sentences > 0,
+      num_threads=num_threads,
       max_sentence_length=16384, minloglevel=2)
   check_special_ids(output)
   return output
@@ -181,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--output", required=True, help="path of the .model file to write")
   parser.add_argument("--model_type", default="unigram", choices=["unigram", "bpe", "char", "word"])
   parser.add_argument("--character_coverage", type=float, default=1.0)
+  parser.add_argument("--max_sentences", type=int, default=0,
+                      help="train on a random sample of this many lines (0: all lines, deterministic)")
+  parser.add_argument("--num_threads", type=int, default=1)
   args = parser.parse_args(argv)
   files = sorted({f for pattern in args.input for f in glob.glob(os.path.expanduser(pattern))})
   if not files:
@@ -189,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
   t0 = time.time()
   try:
     train_vocabulary(files, args.vocab_size, args.output, model_type=args.model_type,
-                     character_coverage=args.character_coverage)
+                     character_coverage=args.character_coverage, num_threads=args.num_threads,
+                     max_sentences=args.max_sentences)
   except (VocabularyError, RuntimeError) as e:
     print(f"stmoe vocab: {e}", file=sys.stderr)
     return 1
