@@ -99,6 +99,17 @@ def test_t5_0_relu_tied_scores_match_torch():
   assert _max_rel_err(jax.jit(model.score_batch)(params, batch), _torch_scores(hf, batch)) < RTOL
 
 
+def test_mt5_scores_match_torch():
+  """mT5 has T5.1.1's architecture under model_type "mt5"."""
+  torch.manual_seed(7)
+  hf = transformers.MT5ForConditionalGeneration(transformers.MT5Config(
+      vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_decoder_layers=2, num_heads=3,
+      dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)).eval()
+  model, params = hf_t5.load_pretrained(hf)
+  batch = _batch(np.random.RandomState(8), 2, 9, 6)
+  assert _max_rel_err(jax.jit(model.score_batch)(params, batch), _torch_scores(hf, batch)) < RTOL
+
+
 def test_greedy_decoding_matches_generate(t5_v1_1_dir):
   """Greedy predict_batch (KV cache) equals HF generate(do_sample=False, num_beams=1) token for token."""
   hf = transformers.T5ForConditionalGeneration.from_pretrained(t5_v1_1_dir).eval()
