@@ -85,7 +85,8 @@ def test_train_loop_freezing_bf16_metrics_checkpoints_and_eval(tmp_path):
   it = inputs.synthetic_input(None, FEATURE_LENGTHS, 8, split="validation")
   direct = [float(model.loss_fn(result.state["params"], {k: jnp.asarray(v) for k, v in next(it).items()},
                                 None)[0]) for _ in range(2)]
-  assert scalars["eval/loss"] == pytest.approx(np.mean(direct), rel=1e-5)
+  # (bfloat16 activations: eager vs jit fusions differ in rounding, hence 2e-3.)
+  assert scalars["eval/loss"] == pytest.approx(np.mean(direct), rel=2e-3)
   assert scalars["eval/loss"] == pytest.approx([r for r in rows if "eval/loss" in r][-1]["eval/loss"], rel=1e-5)
 
 
