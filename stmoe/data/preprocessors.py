@@ -33,6 +33,21 @@ def split_tokens(dataset: tf.data.Dataset, max_tokens: int, feature_key: str = "
   return ds.filter(lambda ex: tf.size(ex[feature_key]) >= min_tokens)
 
 
+DOCUMENTS_PER_GROUP = 128
+
+
+def concat_documents(dataset: tf.data.Dataset, feature_key: str = "targets",
+                     documents_per_group: int = DOCUMENTS_PER_GROUP) -> tf.data.Dataset:
+  """Concatenates the tokens of consecutive groups of documents (in order, no separator), as T5 does.
+
+  Splitting the concatenation into chunks (`split_tokens`) then gives full-length examples even from
+  short documents (one sentence per line), so packed batches carry no padding.
+  """
+  ds = dataset.map(lambda ex: {feature_key: ex[feature_key]})
+  ds = ds.ragged_batch(documents_per_group)  # [docs, (tokens)]
+  return ds.map(lambda ex: {feature_key: ex[feature_key].flat_values})  # [sum of tokens]
+
+
 def _random_segmentation(num_items: tf.Tensor, num_segments: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   """Lengths (each >= 1) of `num_segments` random consecutive segments of `num_items` items."""
   order = tf.argsort(tf.random.stateless_uniform([num_items - 1], seed=seed))  # [num_items - 1]
@@ -87,13 +102,14 @@ def span_corruption(dataset: tf.data.Dataset, sequence_length: Mapping[str, int]
                     mean_noise_span_length: float = sc.MEAN_NOISE_SPAN_LENGTH) -> tf.data.Dataset:
   """T5 span corruption of tokenized "targets": chunks sized so the corrupted inputs fill "inputs".
 
-  Expects tokenized text in "targets" (no EOS); produces "inputs" and "targets" without EOS (add it with
+  Expects tokenized text in "targets" (no EOS); documents are concatenated in groups of 128 and cut into
+  chunks; produces "inputs" and "targets" without EOS (add it with
   `seqio.preprocessors.append_eos_after_trim`).
   """
   inputs_length = (sequence_length or {}).get("inputs") or DEFAULT_INPUTS_LENGTH
   tokens_length, _ = sc.span_corruption_lengths(inputs_length - 0, noise_density, mean_noise_span_length)
   vocab_size = output_features["targets"].vocabulary.vocab_size
-  ds = split_tokens(dataset, tokens_length, "targets", min_tokens=2)
+  ds = split_tokens(concat_documents(dataset), tokens_length, "targets", min_tokens=2)
   return _denoise(ds, vocab_size=vocab_size, noise_density=noise_density,
                   mean_noise_span_length=mean_noise_span_length)
 
@@ -109,17 +125,17 @@ def _split_prefix(ex, seed, max_inputs, max_targets):
 
 
 def prefix_lm(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None) -> tf.data.Dataset:
-  """Prefix LM: chunks of up to inputs+targets-2 tokens split at a uniformly random point (no EOS yet).
+  """Prefix LM: concatenated documents cut into chunks of up to inputs+targets-2 tokens, each split at a uniformly random point (no EOS yet).
 
   The split keeps both parts within their lengths (EOS included), so no token is trimmed away.
   """
   lengths = sequence_length or {"inputs": DEFAULT_INPUTS_LENGTH, "targets": DEFAULT_INPUTS_LENGTH}
   max_inputs, max_targets = lengths["inputs"] - 1, lengths["targets"] - 1
-  ds = split_tokens(dataset, max_inputs + max_targets, "targets", min_tokens=2)
+  ds = split_tokens(concat_documents(dataset), max_inputs + max_targets, "targets", min_tokens=2)
   return _split_prefix(ds, max_inputs=max_inputs, max_targets=max_targets)
 
 
 def causal_lm(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None) -> tf.data.Dataset:
-  """Causal LM: "targets" cut into chunks of targets_length - 1 tokens (room for EOS)."""
+  """Causal LM: concatenated documents' "targets" cut into chunks of targets_length - 1 tokens (+ EOS)."""
   targets_length = (sequence_length or {}).get("targets") or DEFAULT_INPUTS_LENGTH
-  return split_tokens(dataset, targets_length - 1, "targets", min_tokens=1)
+  return split_tokens(concat_documents(dataset), targets_length - 1, "targets", min_tokens=1)
