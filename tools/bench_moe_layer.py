@@ -29,25 +29,34 @@ class DenseMlp(nn.Module):
   d_ff: int
   activation: str
   dtype: jnp.dtype
+  flatten: bool = False  # [batch*length, embed] 2-D matmuls instead of the model's [batch, length, embed]
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
+    if self.flatten:
+      return self.__class__(self.d_ff, self.activation, self.dtype, name="flat")(x.reshape(-1, d)).reshape(x.shape)
     wi = self.param("wi", nn.initializers.lecun_normal(), (d, self.d_ff), jnp.float32)
     wo = self.param("wo", nn.initializers.lecun_normal(), (self.d_ff, d), jnp.float32)
     h = ACTIVATIONS[self.activation](x.astype(self.dtype) @ wi.astype(self.dtype))
     return h @ wo.astype(self.dtype)
 
 
-def _time(fn, args, warmup: int, iters: int) -> float:
+def _time(fn, args, warmup: int, iters: int) -> tuple[float, float]:
+  """(median wall ms, median process-CPU ms) over `iters` runs after `warmup` runs.
+
+  CPU time (all threads of this process) is reported beside wall time because the benchmark machine
+  may be shared: other processes inflate wall time but not the CPU time this computation consumed.
+  """
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
-  times = []
+  wall, cpu = [], []
   for _ in range(iters):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
+    wall.append((time.perf_counter() - t0) * 1e3)
+    cpu.append((time.process_time() - c0) * 1e3)
+  return statistics.median(wall), statistics.median(cpu)
 
 
 def _fwd_bwd(apply):
@@ -86,10 +95,19 @@ def main(argv: list[str]) -> int:
 
   dense = DenseMlp(args.k * args.d_ff, args.activation, dtype)
   dparams = dense.init(jax.random.PRNGKey(1), x)
-  results["dense_ms"] = _time(_fwd_bwd(dense.apply), (dparams, x), args.warmup, args.iters)
-  print(f"dense (d_ff={args.k * args.d_ff}): {results['dense_ms']:.2f} ms", flush=True)
+  results["dense_ms"], results["dense_cpu_ms"] = _time(_fwd_bwd(dense.apply), (dparams, x), args.warmup, args.iters)
+  print(f"dense (d_ff={args.k * args.d_ff}): {results['dense_ms']:.2f} ms wall, "
+        f"{results['dense_cpu_ms']:.2f} ms cpu", flush=True)
 
-  results["moe_ms"], results["ratio_to_dense"], results["fraction_dropped"] = {}, {}, {}
+  flat = DenseMlp(args.k * args.d_ff, args.activation, dtype, flatten=True)
+  fparams = flat.init(jax.random.PRNGKey(1), x)
+  results["dense_flat_ms"], results["dense_flat_cpu_ms"] = _time(_fwd_bwd(flat.apply), (fparams, x), args.warmup,
+                                                                 args.iters)
+  print(f"dense flattened to 2-D: {results['dense_flat_ms']:.2f} ms wall, "
+        f"{results['dense_flat_cpu_ms']:.2f} ms cpu", flush=True)
+
+  for name in ("moe_ms", "moe_cpu_ms", "ratio_to_dense", "cpu_ratio_to_dense", "fraction_dropped"):
+    results[name] = {}
   for disp in [d for d in args.dispatch.split(",") if d]:
     cfg = MoeConfig(num_experts=args.experts, num_selected_experts=args.k, d_ff=args.d_ff,
                     activations=(args.activation,), group_size=args.group_size,
@@ -109,14 +127,17 @@ def main(argv: list[str]) -> int:
     def apply(p, inp, layer=layer, rngs=rngs):
       return layer.apply(p, inp, deterministic=False, rngs=rngs)[0]
 
-    ms = _time(_fwd_bwd(apply), (params, x), args.warmup, args.iters)
+    ms, cpu_ms = _time(_fwd_bwd(apply), (params, x), args.warmup, args.iters)
     _, aux = jax.jit(lambda p, inp, layer=layer: layer.apply(p, inp, deterministic=False, rngs=rngs))(params, x)
     # Dropped assignments: 1 - kept / (k * tokens) == 1 - sum(expert_fractions) / k.
     dropped = float(1.0 - jnp.sum(aux.expert_fractions) / args.k)
     results["moe_ms"][disp] = ms
     results["ratio_to_dense"][disp] = ms / results["dense_ms"]
     results["fraction_dropped"][disp] = dropped
-    print(f"{disp}: {ms:.2f} ms  ({ms / results['dense_ms']:.2f}x dense), dropped {dropped:.4f}", flush=True)
+    results["moe_cpu_ms"][disp] = cpu_ms
+    results["cpu_ratio_to_dense"][disp] = cpu_ms / results["dense_cpu_ms"]
+    print(f"{disp}: {ms:.2f} ms wall ({ms / results['dense_ms']:.2f}x dense), {cpu_ms:.2f} ms cpu "
+          f"({cpu_ms / results['dense_cpu_ms']:.2f}x), dropped {dropped:.4f}", flush=True)
 
   if args.json:
     with open(args.json, "w") as f:
