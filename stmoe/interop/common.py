@@ -361,3 +361,110 @@ def check_against_model(params: Params, model: Any) -> None:
         "Converted parameters do not fit the stmoe model built from the config: "
         f"missing {missing[:6]}, unexpected {extra[:6]}, wrong shapes "
         f"{[(k, got[k], want[k]) for k in wrong[:6]]}.")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Export: the inverse mapping, stmoe params -> HF state dict / save_pretrained directory.
+# --------------------------------------------------------------------------------------------------------
+
+# (HF feed-forward name, is_gated) for each stmoe activation tuple HF can express.
+_TO_HF_ACTIVATION = {"relu": "relu", "gelu": "gelu_new", "gelu_exact": "gelu", "silu": "silu"}
+
+
+def activation_to_hf(activations: tuple[str, ...]) -> tuple[str, bool]:
+  """stmoe activations -> (HF activation name, gated?); ("gelu", "linear") -> ("gelu_new", True)."""
+  gated = len(activations) == 2 and activations[1] == "linear"
+  if not (len(activations) == 1 or gated) or activations[0] not in _TO_HF_ACTIVATION:
+    raise ValueError(f"activations={activations} have no Hugging Face equivalent; HF T5-family models support "
+                     f"(ACT,) or (ACT, 'linear') with ACT in {sorted(_TO_HF_ACTIVATION)}.")
+  return _TO_HF_ACTIVATION[activations[0]], gated
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+  if cfg.decoder_only:
+    raise ValueError("Only encoder-decoder models can be exported to Hugging Face T5/Switch; this one is "
+                     "decoder_only.")
+
+
+def t5_family_config(cfg: ModelConfig) -> dict[str, Any]:
+  """The HF config fields that T5 and SwitchTransformers share, from a stmoe ModelConfig."""
+  return {
+      "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "d_kv": cfg.d_kv, "d_ff": cfg.d_ff,
+      "num_heads": cfg.num_heads, "num_layers": cfg.num_encoder_layers,
+      "num_decoder_layers": cfg.num_decoder_layers,
+      "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
+      "relative_attention_max_distance": cfg.relative_attention_max_distance,
+      "dropout_rate": cfg.dropout_rate, "layer_norm_epsilon": cfg.layer_norm_epsilon,
+      "tie_word_embeddings": cfg.logits_via_embedding, "is_encoder_decoder": True,
+      "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+  }
+
+
+def _np(x: Any) -> np.ndarray:
+  return np.asarray(x, dtype=np.float32)
+
+
+def to_hf_linear(kernel: Any) -> np.ndarray:
+  """stmoe kernel [in, out] -> HF nn.Linear weight [out, in]."""
+  return np.ascontiguousarray(_np(kernel).T)
+
+
+def export_attention(params: Params, prefix: str) -> StateDict:
+  out = {}
+  for hf, ours in (("q", "query"), ("k", "key"), ("v", "value")):
+    k = _np(params[ours]["kernel"])  # [embed, heads, kv]
+    out[f"{prefix}.{hf}.weight"] = to_hf_linear(k.reshape(k.shape[0], -1))  # [heads*kv, embed]
+  o = _np(params["out"]["kernel"])  # [heads, kv, embed]
+  out[f"{prefix}.o.weight"] = to_hf_linear(o.reshape(-1, o.shape[-1]))  # [embed, heads*kv]
+  return out
+
+
+def export_dense_mlp(params: Params, prefix: str) -> StateDict:
+  return {f"{prefix}.{name}.weight": to_hf_linear(value["kernel"]) for name, value in params.items()}
+
+
+# (stmoe layer params, hf prefix of the feed-forward sub-layer, role, index) -> HF tensors of that sub-layer
+FeedForwardExportFn = Callable[[Params, str, str, int], StateDict]
+
+
+def export_encoder_decoder(params: Params, cfg: ModelConfig, feed_forward: FeedForwardExportFn) -> StateDict:
+  """HF T5-family state dict from stmoe EncoderDecoder params (the inverse of encoder_decoder_params).
+
+  Like HF's own save_pretrained, tied tensors are written once: ``shared.weight`` (HF ties
+  ``{encoder,decoder}.embed_tokens`` and, with tie_word_embeddings, ``lm_head`` to it when loading).
+  """
+  check_exportable(cfg)
+  state: StateDict = {"shared.weight": _np(params["token_embedder"]["embedding"])}
+  for role in ("encoder", "decoder"):
+    stack = params[role]
+    n = cfg.num_encoder_layers if role == "encoder" else cfg.num_decoder_layers
+    state[f"{role}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = _np(
+        stack["relpos_bias"]["rel_embedding"])
+    state[f"{role}.final_layer_norm.weight"] = _np(stack["final_norm"]["scale"])
+    for i in range(n):
+      layer, block = stack[f"layer_{i}"], f"{role}.block.{i}.layer"
+      state[f"{block}.0.layer_norm.weight"] = _np(layer["pre_self_attention_norm"]["scale"])
+      state.update(export_attention(layer["self_attention"], f"{block}.0.SelfAttention"))
+      ff = 1
+      if role == "decoder":
+        state[f"{block}.1.layer_norm.weight"] = _np(layer["pre_cross_attention_norm"]["scale"])
+        state.update(export_attention(layer["encoder_decoder_attention"], f"{block}.1.EncDecAttention"))
+        ff = 2
+      state[f"{block}.{ff}.layer_norm.weight"] = _np(layer["pre_mlp_norm"]["scale"])
+      state.update(feed_forward(layer, f"{block}.{ff}", role, i))
+  if not cfg.logits_via_embedding:
+    state["lm_head.weight"] = to_hf_linear(params["head"]["logits_dense"]["kernel"])  # [vocab, embed]
+  return state
+
+
+def write_directory(directory: Any, hf_config: Mapping[str, Any], state: StateDict) -> str:
+  """Writes config.json and model.safetensors (float32) like save_pretrained; needs neither torch nor transformers."""
+  from safetensors.numpy import save_file
+
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(dict(hf_config), f, indent=2, sort_keys=True)
+  save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()},
+            os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+  return directory

@@ -22,6 +22,9 @@ How HF Switch maps onto stmoe (transformers 4.57.6, modeling_switch_transformers
 
 Differences that cannot be configured away are listed in docs/interop.md (padding tokens, HF's
 cross-layer aux loss, decoding-time grouping).
+
+Export: ``hf_switch.save_pretrained(params, config, directory)`` for top-1 models HF can express (it
+raises naming every feature HF Switch lacks: top-2, renormalisation, extra dense MLPs, gated experts, ...).
 """
 
 from __future__ import annotations
@@ -144,3 +147,94 @@ def load_pretrained(source: Any, *, group_size: int = 512, moe_overrides: Mappin
   params = params_from_state_dict(state, config)
   common.check_against_model(params, model)
   return model, params
+
+
+# --------------------------------------------------------------------------------------------------------
+# Export.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _sparse_step_for(layout: SparseLayout, num_layers: int) -> int:
+  """The HF sparse step whose placement equals `layout`'s in a `num_layers` stack (0: no sparse layer)."""
+  want = layout.sparse_indices(num_layers)
+  for step in range(0, num_layers + 1):
+    if sparse_layout_from_step(step).sparse_indices(num_layers) == want:
+      return step
+  raise ValueError(f"Sparse layers {want} of a {num_layers}-layer stack cannot be expressed by HF's sparse step "
+                   f"(block i sparse iff i % step == 1); use SparseLayout(kind='hf_switch', every=step).")
+
+
+def to_hf_config(config: ModelConfig, *, expert_capacity: int | None = None) -> dict[str, Any]:
+  """A HF SwitchTransformersConfig dict (config.json) for a top-1 stmoe model; raises naming what HF lacks.
+
+  expert_capacity: HF's slots per expert per sequence; defaults to MoeConfig.expert_capacity when the
+    model uses the "absolute" capacity convention (other conventions have no HF equivalent: pass it).
+  """
+  common.check_exportable(config)
+  moe = config.moe
+  if moe is None:
+    raise ValueError("This model has no MoE config; export dense models with stmoe.interop.hf_t5.")
+  problems = []
+  if moe.router_type != "tokens_choose" or moe.num_selected_experts != 1:
+    problems.append(f"router_type={moe.router_type!r} with k={moe.num_selected_experts} (HF Switch is "
+                    f"tokens-choose top-1)")
+  if moe.renormalize != "none":
+    problems.append(f"renormalize={moe.renormalize!r} (HF scales by the top-1 probability itself)")
+  if moe.batch_prioritized_routing:
+    problems.append("batch_prioritized_routing=True (HF admits tokens in sequence order)")
+  if moe.extra_dense_mlp:
+    problems.append("extra_dense_mlp=True (HF has no dense MLP beside the experts)")
+  if moe.d_ff != config.d_ff or tuple(moe.activations) != tuple(config.activations):
+    problems.append(f"experts (d_ff={moe.d_ff}, {moe.activations}) differ from the dense MLPs "
+                    f"(d_ff={config.d_ff}, {config.activations}); HF uses one d_ff and dense_act_fn for both")
+  if len(config.activations) != 1:
+    problems.append(f"gated activations {config.activations} (HF Switch MLPs are not gated)")
+  if problems:
+    raise ValueError("HF SwitchTransformers cannot express: " + "; ".join(problems) + ".")
+  if expert_capacity is None:
+    if moe.capacity_convention != "absolute":
+      raise ValueError(f"MoeConfig.capacity_convention={moe.capacity_convention!r} has no HF equivalent: pass "
+                       f"expert_capacity= (HF's slots per expert per sequence).")
+    expert_capacity = moe.expert_capacity
+  act, _ = common.activation_to_hf(config.activations)
+  enc_step = _sparse_step_for(config.encoder_sparse, config.num_encoder_layers)
+  dec_step = _sparse_step_for(config.decoder_sparse, config.num_decoder_layers)
+  out = common.t5_family_config(config)
+  out.update(
+      model_type="switch_transformers", architectures=list(ARCHITECTURES), dense_act_fn=act,
+      num_experts=moe.num_experts, expert_capacity=int(expert_capacity), router_bias=False,
+      router_jitter_noise=moe.jitter_noise, router_dtype="float32", router_ignore_padding_tokens=False,
+      router_z_loss_coef=moe.router_z_loss_coef, router_aux_loss_coef=moe.aux_loss_coef,
+      encoder_sparse_step=enc_step, decoder_sparse_step=dec_step,
+      num_sparse_encoder_layers=len(config.encoder_sparse.sparse_indices(config.num_encoder_layers)),
+      num_sparse_decoder_layers=len(config.decoder_sparse.sparse_indices(config.num_decoder_layers)),
+  )
+  return out
+
+
+def _export_feed_forward(layer: dict, prefix: str, role: str, index: int) -> dict:
+  del role, index
+  if "mlp" in layer:
+    return common.export_dense_mlp(layer["mlp"], f"{prefix}.mlp")
+  moe = layer["moe"]
+  out = {f"{prefix}.mlp.router.classifier.weight": common.to_hf_linear(moe["router"]["w"])}  # [experts, embed]
+  wi, wo = np.asarray(moe["experts"]["wi"]), np.asarray(moe["experts"]["wo"])  # [e, embed, mlp], [e, mlp, embed]
+  for j in range(wi.shape[0]):
+    out[f"{prefix}.mlp.experts.expert_{j}.wi.weight"] = common.to_hf_linear(wi[j])  # [mlp, embed]
+    out[f"{prefix}.mlp.experts.expert_{j}.wo.weight"] = common.to_hf_linear(wo[j])  # [embed, mlp]
+  return out
+
+
+def state_dict_from_params(params: Mapping[str, Any], config: ModelConfig, *,
+                           expert_capacity: int | None = None) -> dict:
+  """HF SwitchTransformers state dict {name: float32 numpy} from stmoe params."""
+  to_hf_config(config, expert_capacity=expert_capacity)  # validates that HF can express the model
+  return common.export_encoder_decoder(params, config, _export_feed_forward)
+
+
+def save_pretrained(params: Mapping[str, Any], config: ModelConfig, directory: Any, *,
+                    expert_capacity: int | None = None) -> str:
+  """Writes a directory that SwitchTransformersForConditionalGeneration.from_pretrained loads (safetensors)."""
+  hf_config = to_hf_config(config, expert_capacity=expert_capacity)
+  return common.write_directory(directory, hf_config, state_dict_from_params(params, config,
+                                                                              expert_capacity=expert_capacity))

@@ -8,6 +8,9 @@
 T5.0 (``feed_forward_proj="relu"``, tied embeddings with the d_model**-0.5 rescale) and T5.1.1 / mT5
 (``"gated-gelu"``, separate ``lm_head``) are both supported; see docs/interop.md for the name mapping.
 A safetensors directory is read with NumPy only (no torch, no transformers needed).
+
+Export goes the other way: ``hf_t5.save_pretrained(params, config, directory)`` writes config.json and
+model.safetensors that ``T5ForConditionalGeneration.from_pretrained(directory)`` loads.
 """
 
 from __future__ import annotations
@@ -76,3 +79,47 @@ def load_pretrained(source: Any, **overrides: Any):
   params = params_from_state_dict(state, config)
   common.check_against_model(params, model)
   return model, params
+
+
+# --------------------------------------------------------------------------------------------------------
+# Export.
+# --------------------------------------------------------------------------------------------------------
+
+
+def feed_forward_proj_from_activations(activations: tuple[str, ...]) -> str:
+  """stmoe activations -> HF feed_forward_proj (the inverse of activations_from_feed_forward_proj)."""
+  act, gated = common.activation_to_hf(activations)
+  if not gated:
+    return act
+  if act == "gelu":
+    raise ValueError("Gated exact gelu (('gelu_exact', 'linear')) has no HF T5 spelling: 'gated-gelu' means the "
+                     "tanh approximation. Use activations=('gelu', 'linear').")
+  return "gated-gelu" if act == "gelu_new" else f"gated-{act}"
+
+
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+  """A HF T5Config dict (config.json contents) for a dense stmoe encoder-decoder."""
+  common.check_exportable(config)
+  if config.is_sparse:
+    raise ValueError("This model has MoE layers; export it with stmoe.interop.hf_switch (top-1 Switch models) "
+                     "instead of hf_t5.")
+  out = common.t5_family_config(config)
+  out.update(model_type="t5", architectures=list(ARCHITECTURES[:1]),
+             feed_forward_proj=feed_forward_proj_from_activations(config.activations))
+  return out
+
+
+def _export_feed_forward(layer: dict, prefix: str, role: str, index: int) -> dict:
+  del role, index
+  return common.export_dense_mlp(layer["mlp"], f"{prefix}.DenseReluDense")
+
+
+def state_dict_from_params(params: Mapping[str, Any], config: ModelConfig) -> dict:
+  """HF T5 state dict {name: float32 numpy} from stmoe params (the inverse of params_from_state_dict)."""
+  to_hf_config(config)  # validates that HF T5 can express the model
+  return common.export_encoder_decoder(params, config, _export_feed_forward)
+
+
+def save_pretrained(params: Mapping[str, Any], config: ModelConfig, directory: Any) -> str:
+  """Writes a directory that transformers' T5ForConditionalGeneration.from_pretrained loads (safetensors)."""
+  return common.write_directory(directory, to_hf_config(config), state_dict_from_params(params, config))
