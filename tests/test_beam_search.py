@@ -1,0 +1,217 @@
+"""Beam search: beam=1 is greedy, exhaustive beams find the brute-force optimum, scores are the model's.
+
+References are independent of the beam code: greedy decoding (`predict_batch`), and NumPy scoring of every
+EOS-terminated sequence from one full (uncached) forward pass of the network.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model_fixtures import tiny_config, tiny_sparse_config
+from stmoe import beam_search
+from stmoe.config import SparseLayout
+from stmoe.decoding import DecodeConfig
+from stmoe.models.api import make_model
+from stmoe.models.networks import EncoderDecoder
+
+V = 6  # tiny vocabulary: 0 pad/start, 1 EOS, so EOS is frequent and every sequence can be enumerated
+L = 3  # max decode length for the brute-force cases
+EXHAUSTIVE_BEAM = V * (V - 1) ** (L - 1)  # >= every candidate of the last step, so nothing is ever pruned
+
+ONE_LAYER = dict(vocab_size=V, num_encoder_layers=1, num_decoder_layers=1)
+CONFIGS = {
+    "dense": tiny_config(**ONE_LAYER),
+    "sparse": tiny_sparse_config(**ONE_LAYER, encoder_sparse=SparseLayout(kind="every", every=1),
+                                 decoder_sparse=SparseLayout(kind="every", every=1)),
+}
+ENC_TOKENS = np.array([[2, 3, 4, 5, 2], [5, 5, 3, 0, 0]], np.int32)
+PROMPTS = np.array([[0, 3, 4, 2], [0, 5, 0, 0]], np.int32)  # different prompt lengths (right-aligned inside)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(kind: str, name: str):
+  config = CONFIGS[name]
+  if kind == "lm":
+    model = make_model(config.replace(decoder_only=True, num_encoder_layers=0))
+    shapes = {"decoder_input_tokens": (2, 4)}
+  else:
+    model = make_model(config)
+    shapes = {"encoder_input_tokens": (2, 5), "decoder_input_tokens": (2, L)}
+  params = model.get_initial_variables(jax.random.PRNGKey(3), shapes)["params"]
+  # Sharpen the random model a little (tied logits) so that scores are well separated.
+  params = dict(params, token_embedder=dict(params["token_embedder"]))
+  params["token_embedder"]["embedding"] = params["token_embedder"]["embedding"] * 2.0
+  return model, params
+
+
+def _batch(kind: str, length: int) -> dict:
+  if kind == "lm":
+    return {"decoder_input_tokens": jnp.asarray(PROMPTS)}
+  return {"encoder_input_tokens": jnp.asarray(ENC_TOKENS),
+          "decoder_input_tokens": jnp.zeros((ENC_TOKENS.shape[0], length), jnp.int32)}
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_beams(model, cfg: DecodeConfig):
+  return jax.jit(lambda params, batch: beam_search.predict_beams(model, params, batch, cfg))
+
+
+def _beams(kind, name, beam, alpha, length=L):
+  model, params = _model(kind, name)
+  cfg = DecodeConfig(method="beam", beam_size=beam, length_penalty=alpha, max_decode_length=length)
+  out = _jitted_beams(model, cfg)(params, _batch(kind, length))
+  return jax.tree_util.tree_map(np.asarray, out)
+
+
+def _all_sequences() -> np.ndarray:
+  """Every length-L token array [V**L, L]; a sequence's meaning ends at its first EOS (if any)."""
+  return np.array(list(itertools.product(range(V), repeat=L)), np.int32)
+
+
+def _eos_sequences() -> np.ndarray:
+  """Every sequence of length <= L that ends at its first EOS, padded with 0: [num, L]."""
+  seqs = []
+  for n in range(1, L + 1):
+    for prefix in itertools.product([t for t in range(V) if t != 1], repeat=n - 1):
+      seqs.append(list(prefix) + [1] + [0] * (L - n))
+  return np.array(seqs, np.int32)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+  x = x.astype(np.float64)
+  m = x.max(-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _brute_force(kind: str, name: str) -> dict:
+  """{(row, sequence): (summed log-probability up to the first EOS or L, length)} for every sequence.
+
+  One full uncached forward pass over all V**L sequences (teacher forcing, every position a real token, as
+  in decoding); for the decoder-only model the prompt is left-aligned without padding, unlike the decoder's
+  right-aligned layout, which relative positions make equivalent.
+  """
+  model, params = _model(kind, name)
+  seqs = _all_sequences()
+  num = seqs.shape[0]
+  is_eos = seqs == 1
+  lengths = np.where(is_eos.any(1), is_eos.argmax(1) + 1, L)  # tokens up to and including the first EOS
+  table = {}
+  for row in range(2):
+    if kind == "lm":
+      prompt = PROMPTS[row][:np.max(np.nonzero(PROMPTS[row])[0]) + 1]  # left-aligned, no padding
+      tokens = np.concatenate([np.tile(prompt, (num, 1)), seqs[:, :-1]], 1)
+      logits = np.asarray(_forward(model, params, tokens))[:, len(prompt) - 1:]  # [num, L, V]
+    else:
+      inputs = np.concatenate([np.zeros((num, 1), np.int32), seqs[:, :-1]], 1)  # shifted right
+      logits = np.asarray(_forward(model, params, np.tile(ENC_TOKENS[row], (num, 1)), inputs))
+    token_lp = np.take_along_axis(_log_softmax(logits), seqs[..., None], -1)[..., 0]  # [num, L]
+    logp = np.sum(token_lp * (np.arange(L)[None] < lengths[:, None]), 1)
+    for s, lp, n in zip(seqs, logp, lengths):
+      table[row, tuple(s)] = (lp, n)
+  return table
+
+
+def _forward(model, params, *inputs):
+  """Full-sequence logits; decoder_valid=None marks every decoder position real, as cached decoding does."""
+  return jax.jit(lambda p, *x: model.module.apply({"params": p}, *x)[0])(params, *map(jnp.asarray, inputs))
+
+
+def _score(kind, name, row, seq, alpha):
+  """Brute-force penalised score of one decoded sequence (0s after its EOS are padding)."""
+  lp, n = _brute_force(kind, name)[row, tuple(int(t) for t in seq)]
+  return lp / _penalty(n, alpha)
+
+
+def _penalty(lengths, alpha):
+  return ((5.0 + lengths) / 6.0) ** alpha
+
+
+# --- beam 1 is greedy -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["dense", "sparse"])
+@pytest.mark.parametrize("kind", ["encdec", "lm"])
+def test_beam_one_equals_greedy(kind, name):
+  """With alpha=0 a one-wide beam keeps exactly the greedy path and stops when greedy emits EOS.
+
+  (With alpha > 0 a one-wide beam may legitimately prefer a longer continuation that the length penalty
+  favours, so exact equality is only a theorem for alpha=0.)
+  """
+  model, params = _model(kind, name)
+  batch = _batch(kind, 6)
+  # EOS id 2: a token these random models emit often, so that the stopping logic is exercised.
+  greedy = np.asarray(model.predict_batch(params, batch, max_decode_length=6, eos_id=2))
+  beam = np.asarray(model.predict_batch(params, batch, max_decode_length=6, eos_id=2, method="beam",
+                                        beam_size=1, length_penalty=0.0))
+  assert beam.dtype == np.int32 and beam.shape == greedy.shape == (2, 6)
+  np.testing.assert_array_equal(beam, greedy)
+  assert (greedy == 2).any(), "the case should exercise EOS handling"
+
+
+# --- exhaustive beam == brute force -----------------------------------------------------------------------
+@pytest.mark.parametrize("kind,name,alpha", [("encdec", "dense", 0.0), ("encdec", "sparse", 0.6),
+                                              ("lm", "dense", 0.6), ("lm", "sparse", 0.0)])
+def test_exhaustive_beam_matches_brute_force(kind, name, alpha):
+  seqs = _eos_sequences()  # [31, L]: the candidates beam search returns when some beam finishes
+  res = _beams(kind, name, EXHAUSTIVE_BEAM, alpha)
+  for row in range(2):
+    scores = np.array([_score(kind, name, row, s, alpha) for s in seqs])
+    best = int(np.argmax(scores))
+    assert np.sort(scores)[-1] - np.sort(scores)[-2] > 1e-3, "ambiguous optimum; change the seed"
+    np.testing.assert_array_equal(res.sequences[row, 0], seqs[best])
+    np.testing.assert_allclose(res.scores[row, 0], scores[best], rtol=1e-5, atol=1e-5)
+    # Nothing was pruned: the finished set is exactly all EOS-terminated sequences, each with its score.
+    assert res.finished[row].sum() == len(seqs)
+    found = {tuple(s): sc for s, sc, ok in zip(res.sequences[row], res.scores[row], res.finished[row]) if ok}
+    assert set(found) == {tuple(s) for s in seqs}
+    for s, expected in zip(seqs, scores):
+      np.testing.assert_allclose(found[tuple(s)], expected, rtol=1e-5, atol=1e-5)
+    assert np.all(np.diff(res.scores[row][res.finished[row]]) <= 0), "beams are sorted best first"
+
+
+# --- narrower beams ---------------------------------------------------------------------------------------
+def test_beam_scores_are_model_scores_and_grow_with_beam():
+  """Every returned beam's score is its brute-force score; wider beams (here) never do worse.
+
+  Beam search is not monotone in the beam width in general; on this input it is, and the widest beam
+  reaches the brute-force optimum, which bounds every narrower one.
+  """
+  kind, name, alpha = "encdec", "dense", 0.6
+  keys = []
+  for beam in (1, 2, 4, EXHAUSTIVE_BEAM):
+    res = _beams(kind, name, beam, alpha)
+    assert res.valid[:, 0].all()
+    for row in range(2):
+      for s, sc, ok in zip(res.sequences[row], res.scores[row], res.valid[row]):
+        if ok:  # finished beams, or alive fallbacks of rows with none (scored at length L)
+          np.testing.assert_allclose(sc, _score(kind, name, row, s, alpha), rtol=1e-5, atol=1e-5)
+    keys.append([(bool(res.finished[row, 0]), float(res.scores[row, 0])) for row in range(2)])
+  for row in range(2):
+    ranked = [k[row] for k in keys]  # a finished beam beats any unfinished fallback
+    assert ranked == sorted(ranked), ranked
+    optimum = max(_score(kind, name, row, s, alpha) for s in _eos_sequences())
+    np.testing.assert_allclose(ranked[-1][1], optimum, rtol=1e-5)
+
+def test_unfinished_rows_fall_back_to_alive_beams():
+  """Max length 1, beam 2: a row finishes iff EOS is among its 2 best first tokens, else returns alive ones."""
+  model, params = _model("encdec", "dense")
+  logits = np.asarray(_forward(model, params, ENC_TOKENS, np.zeros((2, L), np.int32)))  # [2, L, V]
+  first_lp = _log_softmax(logits[:, 0])  # [2, V]: the first step does not depend on later inputs
+  res = _beams("encdec", "dense", 2, 0.6, length=1)
+  lp1 = _penalty(1.0, 0.6)
+  for row in range(2):
+    order = np.argsort(-first_lp[row], kind="stable")
+    if 1 in order[:2]:
+      assert res.finished[row].tolist() == [True, False]
+      assert res.sequences[row, 0, 0] == 1
+      np.testing.assert_allclose(res.scores[row, 0], first_lp[row][1] / lp1, rtol=1e-5)
+    else:
+      assert not res.finished[row].any() and res.valid[row].all()
+      np.testing.assert_array_equal(res.sequences[row, :, 0], order[:2])
+      np.testing.assert_allclose(res.scores[row], first_lp[row][order[:2]] / lp1, rtol=1e-5)
