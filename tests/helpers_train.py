@@ -135,6 +135,31 @@ def mode_killed_run(model_dir: str, steps: str, kill_after: str) -> None:
             callbacks=[Kill()])
 
 
+def mode_multihost(port: str, num_processes: str, process_id: str, model_dir: str, out_path: str,
+                   die_after: str = "0") -> None:
+  """One process of a localhost multi-process run (gloo); process `die_after`>0 SIGKILLs itself then."""
+  import signal
+
+  from stmoe.training import distributed, optimizers, trainer
+
+  distributed.initialize(distributed.DistributedArgs(f"127.0.0.1:{port}", int(num_processes), int(process_id),
+                                                     heartbeat_timeout_s=10))
+  import jax
+
+  assert jax.process_count() == int(num_processes) and jax.device_count() == int(num_processes)
+
+  class Die(trainer.Callback):
+    def on_step_end(self, ctx, step):
+      if int(die_after) and step == int(die_after) and jax.process_index() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+  result = run_train(model_dir, steps=3 if not int(die_after) else 1000, optimizer=optimizers.adamw(1e-2),
+                     callbacks=[Die()], step_timeout_s=60)
+  if jax.process_index() == 0:
+    with open(out_path, "w") as f:
+      json.dump({"losses": [result.losses[s] for s in sorted(result.losses)]}, f)
+
+
 if __name__ == "__main__":
   mode, *rest = sys.argv[1:]
-  {"meshes": mode_meshes, "killed_run": mode_killed_run}[mode](*rest)
+  {"meshes": mode_meshes, "killed_run": mode_killed_run, "multihost": mode_multihost}[mode](*rest)
