@@ -178,6 +178,10 @@ def train(model: Any = None,
     os.makedirs(model_dir, exist_ok=True)
 
   shard_id, num_shards = partitioning.process_batch_slice(batch_size)
+  # The data source first: a missing task fails before anything is compiled.
+  train_iter = input_fn(mixture_or_task_name, task_feature_lengths, batch_size, split="train",
+                        model_type=model_type, shuffle=True, seed=random_seed, shard_id=shard_id,
+                        num_shards=num_shards, repeat=True)
   input_shapes = input_shapes_for(model_type, batch_size, task_feature_lengths)
   logical = model.params_logical_axes(input_shapes)
   abstract_params = jax.eval_shape(
@@ -190,9 +194,6 @@ def train(model: Any = None,
       mesh, model.loss_fn, abstract_params, abstract_batch, jax.ShapeDtypeStruct((2,), np.uint32))
   in_mesh = lambda: partitioning.mesh_context(mesh, constrain_activations=constrain)
 
-  train_iter = input_fn(mixture_or_task_name, task_feature_lengths, batch_size, split="train",
-                        model_type=model_type, shuffle=True, seed=random_seed, shard_id=shard_id,
-                        num_shards=num_shards, repeat=True)
   manager = ckpt_lib.CheckpointManager(model_dir, keep=keep_checkpoints, async_save=async_checkpointing)
   restored = manager.restore_latest(spec.abstract)
   if restored is not None:
