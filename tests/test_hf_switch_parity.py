@@ -14,7 +14,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 hf_switch_module = pytest.importorskip("transformers.models.switch_transformers.modeling_switch_transformers")
 
+from stmoe.config import ModelConfig, MoeConfig, SparseLayout  # noqa: E402
 from stmoe.interop import hf_switch  # noqa: E402
+from stmoe.models.api import make_model  # noqa: E402
 
 VOCAB = 100
 RTOL = 1e-4
@@ -217,3 +219,42 @@ def test_unsupported_inputs_fail_clearly(switch):
   moved = hf_switch.config_from_hf({**base, "encoder_sparse_step": 3})  # blocks 1 only, but weights have 1 and 3
   with pytest.raises(ValueError, match="does not match the weights"):
     hf_switch.params_from_state_dict(state, moved)
+
+
+def test_export_round_trip_and_native_model_parity(switch, tmp_path):
+  """hf_switch.save_pretrained writes what transformers loads: HF -> stmoe -> HF is exact, and a top-1 model
+  initialised in stmoe scores the same in transformers after export."""
+  model, params = hf_switch.load_pretrained(switch)
+  hf_switch.save_pretrained(params, model.config, tmp_path / "round_trip")
+  back, info = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(
+      tmp_path / "round_trip", output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  original = switch.state_dict()
+  assert back.state_dict().keys() == original.keys()
+  for name, value in back.state_dict().items():
+    assert torch.equal(value, original[name]), name
+  assert (back.config.encoder_sparse_step, back.config.expert_capacity) == (2, 64)
+
+  cfg = ModelConfig(vocab_size=VOCAB, d_model=16, num_heads=2, d_kv=8, d_ff=24, num_encoder_layers=3,
+                    num_decoder_layers=2, activations=("relu",), logits_via_embedding=False,
+                    moe=MoeConfig(num_experts=3, num_selected_experts=1, d_ff=24, activations=("relu",),
+                                  capacity_convention="stmoe"),
+                    encoder_sparse=SparseLayout(kind="hf_switch", every=2),
+                    decoder_sparse=SparseLayout(kind="hf_switch", every=1))
+  native_model = make_model(cfg)
+  native_params = native_model.get_initial_variables(
+      jax.random.PRNGKey(2), {"encoder_input_tokens": (1, 4), "decoder_input_tokens": (1, 4)})["params"]
+  with pytest.raises(ValueError, match="expert_capacity="):
+    hf_switch.save_pretrained(native_params, cfg, tmp_path / "native")  # "stmoe" capacity: HF needs a count
+  hf_switch.save_pretrained(native_params, cfg, tmp_path / "native", expert_capacity=64)
+  hf = transformers.SwitchTransformersForConditionalGeneration.from_pretrained(tmp_path / "native").eval()
+  hf_sparse = [[b.is_sparse for b in s.block] for s in (hf.encoder, hf.decoder)]
+  assert hf_sparse == [[False, True, False], [True, True]] and not hf.config.tie_word_embeddings
+  batch = _batch(np.random.RandomState(9), 3, 8, 6)
+  ref = _torch_scores(_hf_forward(hf, batch), batch)
+  assert _max_rel_err(jax.jit(native_model.score_batch)(native_params, batch), ref) < RTOL
+
+  top2 = cfg.replace(moe=MoeConfig(num_experts=3, num_selected_experts=2, d_ff=24, activations=("relu",),
+                                   renormalize="after_drop"))
+  with pytest.raises(ValueError, match="k=2.*renormalize"):
+    hf_switch.to_hf_config(top2, expert_capacity=8)

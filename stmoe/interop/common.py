@@ -430,11 +430,15 @@ FeedForwardExportFn = Callable[[Params, str, str, int], StateDict]
 def export_encoder_decoder(params: Params, cfg: ModelConfig, feed_forward: FeedForwardExportFn) -> StateDict:
   """HF T5-family state dict from stmoe EncoderDecoder params (the inverse of encoder_decoder_params).
 
-  Like HF's own save_pretrained, tied tensors are written once: ``shared.weight`` (HF ties
-  ``{encoder,decoder}.embed_tokens`` and, with tie_word_embeddings, ``lm_head`` to it when loading).
+  The embedding is written as ``shared.weight`` and also as ``{encoder,decoder}.embed_tokens.weight``:
+  HF SwitchTransformers re-ties the stacks' embeddings to ``shared`` only when tie_word_embeddings is
+  set, so an untied Switch checkpoint without them would load with freshly initialised embeddings.
+  A tied ``lm_head`` is not written (HF ties it to ``shared`` when loading).
   """
   check_exportable(cfg)
-  state: StateDict = {"shared.weight": _np(params["token_embedder"]["embedding"])}
+  embedding = _np(params["token_embedder"]["embedding"])  # [vocab, embed]
+  state: StateDict = {name: embedding for name in
+                      ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight")}
   for role in ("encoder", "decoder"):
     stack = params[role]
     n = cfg.num_encoder_layers if role == "encoder" else cfg.num_decoder_layers
