@@ -1,5 +1,8 @@
-"""Hugging Face interop: import T5 / mT5 (`hf_t5`) and SwitchTransformers (`hf_switch`) checkpoints.
+"""Hugging Face interop: T5 / mT5 (`hf_t5`) and SwitchTransformers (`hf_switch`) import and export.
 
-Submodules are imported on demand (``from stmoe.interop import hf_t5``) so that importing stmoe never
-imports torch or transformers; a safetensors checkpoint directory needs neither.
+``load_pretrained(source)`` imports a save_pretrained directory or an in-memory transformers model as
+(stmoe model, params); ``save_pretrained(params, config, directory)`` writes a directory transformers loads.
+Shared conversion code lives in `common`. Submodules are imported on demand
+(``from stmoe.interop import hf_t5``) so that importing stmoe never imports torch or transformers; a
+safetensors checkpoint directory needs neither. See docs/interop.md.
 """
