@@ -1,0 +1,218 @@
+"""Training-step throughput and model FLOPs utilisation, against HF SwitchTransformers (torch) as a peer.
+
+`python tools/benchmark.py train_step --json OUT.json`
+
+Model (both sides): Switch encoder-decoder, vocab 8000, d_model 256, 8 heads x 32, d_ff 1024, 4+4 layers,
+8 ReLU experts (d_ff 1024) on every other layer (HF placement: layer i sparse iff i % 2 == 1), top-1,
+no dropout, no router jitter. Batch 16 x (256 inputs + 64 targets), AdamW (lr 1e-4).
+Capacity: HF Switch gives each expert 64 slots per sequence; ours uses groups of 256 tokens with capacity
+factor 2.0, i.e. 64 slots per expert per group (identical for the 256-token encoder sequences).
+
+* ours: stmoe's jitted train step (stmoe.training.step.make_train_step, the trainer's step) on one CPU
+  device (all cores), float32;
+* peer: transformers.SwitchTransformersForConditionalGeneration, torch eager, float32, loss.backward() +
+  torch.optim.AdamW.step(), in the same process after ours;
+* peak: median time of a jitted 2048^3 float32 matmul (2 * 2048^3 FLOPs).
+
+tokens/s counts input + target tokens (16 * 320 = 5120 per step). Model FLOPs are counted exactly from the
+matmuls of the architecture (see `model_flops`): 3x the forward matmul FLOPs (forward + two backward
+matmuls per forward matmul), including attention scores and values, the router, the experts at one expert
+per token (padding slots in capacity buffers are NOT counted, as MFU conventions require) and the output
+projection. MFU = model FLOPs per step / step time / peak.
+
+Wall-clock medians are reported with the process CPU time beside them, because the benchmark machine may
+be shared with other jobs (CPU time is not inflated by them, wall time is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+
+CONFIG = dict(vocab_size=8000, d_model=256, num_heads=8, d_kv=32, d_ff=1024, num_encoder_layers=4,
+              num_decoder_layers=4, num_experts=8, expert_d_ff=1024, sparse_every=2, top_k=1, batch=16,
+              inputs_length=256, targets_length=64, optimizer="adamw", learning_rate=1e-4)
+
+
+def model_flops(c: dict) -> dict[str, float]:
+  """Exact matmul FLOPs of one training step (3 x forward) of the benchmark model."""
+  b, li, lt, d = c["batch"], c["inputs_length"], c["targets_length"], c["d_model"]
+  hd = c["num_heads"] * c["d_kv"]
+  enc_tokens, dec_tokens = b * li, b * lt
+  n_enc, n_dec = c["num_encoder_layers"], c["num_decoder_layers"]
+  sparse = lambda n: sum(1 for i in range(n) if i % c["sparse_every"] == 1)
+  mlp = 2 * 2 * d * c["d_ff"]  # wi, wo per token (ReLU: one input projection)
+  expert = c["top_k"] * 2 * 2 * d * c["expert_d_ff"] + 2 * d * c["num_experts"]  # experts + router
+  enc_layer_dense = 4 * 2 * d * hd + 2 * 2 * li * hd  # q,k,v,o projections + scores + values
+  fwd = enc_tokens * (n_enc * enc_layer_dense + (n_enc - sparse(n_enc)) * mlp + sparse(n_enc) * expert)
+  dec_self = 4 * 2 * d * hd + 2 * 2 * lt * hd
+  dec_cross_q = 2 * 2 * d * hd + 2 * 2 * li * hd  # q and o projections + scores + values over inputs
+  fwd += dec_tokens * (n_dec * (dec_self + dec_cross_q) + (n_dec - sparse(n_dec)) * mlp + sparse(n_dec) * expert)
+  fwd += n_dec * enc_tokens * 2 * 2 * d * hd  # cross-attention k, v of the encoder output, per decoder layer
+  fwd += dec_tokens * 2 * d * c["vocab_size"]  # output projection
+  return {"forward_flops": float(fwd), "train_flops": float(3 * fwd),
+          "train_flops_per_token": float(3 * fwd) / (enc_tokens + dec_tokens)}
+
+
+def _median_times(fn, warmup: int, iters: int) -> tuple[float, float]:
+  for _ in range(warmup):
+    fn()
+  wall, cpu = [], []
+  for _ in range(iters):
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    wall.append(time.perf_counter() - t0)
+    cpu.append(time.process_time() - c0)
+  return statistics.median(wall), statistics.median(cpu)
+
+
+def peak_gflops(iters: int = 10) -> float:
+  import jax
+  import jax.numpy as jnp
+
+  n = 2048
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  wall, _ = _median_times(lambda: f(a, b).block_until_ready(), 3, iters)
+  return 2 * n ** 3 / wall / 1e9
+
+
+def _batch(c: dict, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  b, li, lt = c["batch"], c["inputs_length"], c["targets_length"]
+  inputs = rng.integers(2, c["vocab_size"], size=(b, li)).astype(np.int32)
+  targets = rng.integers(2, c["vocab_size"], size=(b, lt)).astype(np.int32)
+  dec_in = np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1)
+  return {"encoder_input_tokens": inputs, "decoder_input_tokens": dec_in, "decoder_target_tokens": targets,
+          "decoder_loss_weights": np.ones_like(targets)}
+
+
+def ours(c: dict, warmup: int, iters: int, dispatch: str) -> dict:
+  import jax
+
+  from stmoe.config import ModelConfig, MoeConfig, SparseLayout
+  from stmoe.models.api import make_model
+  from stmoe.training import optimizers, step as step_lib
+  from stmoe.training.trainer import input_shapes_for
+
+  moe = MoeConfig(num_experts=c["num_experts"], num_selected_experts=c["top_k"], d_ff=c["expert_d_ff"],
+                  group_size=c["inputs_length"], train_capacity_factor=2.0, eval_capacity_factor=2.0,
+                  activations=("relu",), dispatch=dispatch, aux_loss_coef=1e-3, router_z_loss_coef=1e-3)
+  layout = SparseLayout(kind="hf_switch", every=c["sparse_every"])
+  cfg = ModelConfig(vocab_size=c["vocab_size"], d_model=c["d_model"], num_heads=c["num_heads"], d_kv=c["d_kv"],
+                    d_ff=c["d_ff"], num_encoder_layers=c["num_encoder_layers"],
+                    num_decoder_layers=c["num_decoder_layers"], activations=("relu",), moe=moe,
+                    encoder_sparse=layout, decoder_sparse=layout, z_loss=0.0)
+  model = make_model(cfg)
+  shapes = input_shapes_for("encoder_decoder", c["batch"], {"inputs": c["inputs_length"],
+                                                              "targets": c["targets_length"]})
+  params = model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"]
+  opt = optimizers.adamw(c["learning_rate"])
+  tx = optimizers.make_optimizer(opt, model.params_logical_axes(shapes), params)
+  state = {"step": jax.numpy.int32(0), "params": params, "opt_state": tx.init(params), "rng": jax.random.PRNGKey(1)}
+  step = jax.jit(step_lib.make_train_step(model.loss_fn, tx, opt.schedule), donate_argnums=(0,))
+  batch = {k: jax.numpy.asarray(v) for k, v in _batch(c).items()}
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = step(holder["state"], batch)
+    jax.block_until_ready(metrics["loss"])
+
+  t0 = time.perf_counter()
+  run()
+  compile_s = time.perf_counter() - t0
+  wall, cpu = _median_times(run, warmup, iters)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  return {"step_s": wall, "step_cpu_s": cpu, "compile_s": compile_s, "params": n_params}
+
+
+def peer(c: dict, warmup: int, iters: int) -> dict:
+  os.environ.setdefault("USE_TF", "0")  # transformers must not import TensorFlow here
+  import torch
+  from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+  torch.manual_seed(0)
+  torch.set_num_threads(os.cpu_count() or 1)
+  hf = SwitchTransformersConfig(
+      vocab_size=c["vocab_size"], d_model=c["d_model"], d_kv=c["d_kv"], d_ff=c["d_ff"], expert_capacity=64,
+      num_layers=c["num_encoder_layers"], num_sparse_encoder_layers=c["num_encoder_layers"] // c["sparse_every"],
+      num_decoder_layers=c["num_decoder_layers"],
+      num_sparse_decoder_layers=c["num_decoder_layers"] // c["sparse_every"], num_heads=c["num_heads"],
+      num_experts=c["num_experts"], router_jitter_noise=0.0, dropout_rate=0.0, router_z_loss_coef=1e-3,
+      router_aux_loss_coef=1e-3, dense_act_fn="relu", use_cache=False, decoder_start_token_id=0)
+  model = SwitchTransformersForConditionalGeneration(hf)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=c["learning_rate"])
+  b = _batch(c)
+  input_ids = torch.as_tensor(b["encoder_input_tokens"], dtype=torch.long)
+  labels = torch.as_tensor(b["decoder_target_tokens"], dtype=torch.long)
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    out = model(input_ids=input_ids, labels=labels, output_router_logits=True)
+    out.loss.backward()
+    opt.step()
+
+  wall, cpu = _median_times(run, warmup, iters)
+  return {"step_s": wall, "step_cpu_s": cpu, "params": sum(p.numel() for p in model.parameters())}
+
+
+def main(argv: list[str]) -> int:
+  p = argparse.ArgumentParser(prog="benchmark.py train_step", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--json", default=None, help="write the results here")
+  p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--dispatch", default="sort", help="MoE dispatch of our model: sort | einsum | dropless")
+  p.add_argument("--no_peer", action="store_true", help="skip the torch peer")
+  args = p.parse_args(argv)
+
+  c = dict(CONFIG)
+  tokens = c["batch"] * (c["inputs_length"] + c["targets_length"])
+  flops = model_flops(c)
+  peak = peak_gflops()
+  ours_r = ours(c, args.warmup, args.iters, args.dispatch)
+  print(f"ours: {tokens / ours_r['step_s']:.0f} tokens/s (step {ours_r['step_s']:.3f} s, cpu {ours_r['step_cpu_s']:.3f} s),"
+        f" peak {peak:.0f} GFLOP/s", flush=True)
+  peer_r = None if args.no_peer else peer(c, args.warmup, args.iters)
+  peak_after = peak_gflops()
+  result = {
+      "config": {**c, "dispatch": args.dispatch, "tokens_per_step": tokens, "device": "cpu",
+                 "cpu_count": os.cpu_count(), "iters": args.iters},
+      "peak_gflops": peak,
+      "peak_gflops_after": peak_after,
+      "model_flops": flops,
+      "ours_step_s": ours_r["step_s"],
+      "ours_step_cpu_s": ours_r["step_cpu_s"],
+      "ours_compile_s": ours_r["compile_s"],
+      "ours_params": ours_r["params"],
+      "ours_tokens_per_s": tokens / ours_r["step_s"],
+      "mfu": flops["train_flops"] / ours_r["step_s"] / (max(peak, peak_after) * 1e9),
+  }
+  if peer_r is not None:
+    result.update({
+        "peer": "transformers.SwitchTransformersForConditionalGeneration (torch eager, AdamW)",
+        "peer_step_s": peer_r["step_s"], "peer_step_cpu_s": peer_r["step_cpu_s"], "peer_params": peer_r["params"],
+        "peer_tokens_per_s": tokens / peer_r["step_s"],
+        "peer_mfu": flops["train_flops"] / peer_r["step_s"] / (max(peak, peak_after) * 1e9),
+        "speedup_vs_peer": peer_r["step_s"] / ours_r["step_s"],
+        "speedup_vs_peer_cpu_time": peer_r["step_cpu_s"] / ours_r["step_cpu_s"],
+    })
+  text = json.dumps(result, indent=1)
+  print(text)
+  if args.json:
+    with open(args.json, "w") as f:
+      f.write(text + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  import sys
+
+  sys.exit(main(sys.argv[1:]))
