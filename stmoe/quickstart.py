@@ -165,7 +165,10 @@ def run_quickstart(output_dir: str = "stmoe_quickstart",
   eval_labels = task_eval.task_targets(finetune_task, "validation")
   if max_eval_examples is not None:
     eval_labels = eval_labels[:max_eval_examples]
-  majority_label, majority_acc = task_eval.majority_baseline(train_labels, eval_labels)
+  # The majority-class baseline: the best constant prediction on the evaluated passages (at least as
+  # strong as always predicting the most frequent training label, which is also recorded).
+  train_majority_label, train_majority_acc = task_eval.majority_baseline(train_labels, eval_labels)
+  majority_label, majority_acc = task_eval.majority_baseline(eval_labels, eval_labels)
   # Predictions of the final parameters (the ones exported), decoded once more for the record.
   result = task_eval.run_task_eval(ft_model, ft.state["params"], finetune_task, "validation",
                                    dict(finetune_feature_lengths), batch_size=eval_batch_size,
@@ -203,6 +206,8 @@ def run_quickstart(output_dir: str = "stmoe_quickstart",
       "best_step": None if best is None else best.get("step"),
       "majority_baseline_accuracy": majority_acc,
       "majority_label": majority_label,
+      "train_majority_label": train_majority_label,
+      "train_majority_label_accuracy": train_majority_acc,
       "num_eval_examples": result.num_examples,
       "trainable_params": trainable_params,
       "seconds": seconds,
