@@ -97,7 +97,10 @@ def mode_meshes(out_path: str) -> None:
             checkpoints.restore_params(os.path.join(work, "data2_expert4"), spec.abstract["params"])).items()),
     }
   # Is there an all-to-all in the compiled expert-parallel step (only when activation constraints trace)?
+  # Groups of 8 tokens give 16 encoder / 8 decoder groups, so the "batch" axis divides over data x expert;
+  # einsum dispatch: XLA turns the [groups]-sharded -> [experts]-sharded buffer constraint into all-to-alls.
   mesh = finals["data2_expert4"][0]
+  model = tiny_model(group_size=8, dispatch="einsum")
   params_abs = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"])
   batch_abs = {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in shapes.items()}
   constrain = partitioning.probe_activation_constraints(
