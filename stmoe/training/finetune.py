@@ -185,3 +185,14 @@ class TaskEvalCallback(Callback):
         return
       replace_best(ctx.model_dir, step_dir, record)
     self.best = record
+
+
+@gin.configurable
+def train_callbacks(callbacks: tuple[Callback, ...] | list[Callback] = ()) -> list[Callback]:
+  """The callbacks a gin file asks `stmoe train` to run, e.g. in runs/finetune.gin:
+
+      train_callbacks.callbacks = [@TaskEvalCallback()]
+
+  (`train()` does not take callbacks from gin directly; the command passes `train_callbacks()`.)
+  """
+  return list(callbacks)
