@@ -105,3 +105,25 @@ def test_state_is_initialised_sharded_from_shapes():
   spec = state_lib.state_spec(model, tx, shapes, mesh)
   wi = spec.abstract["params"]["encoder"]["layer_1"]["moe"]["experts"]["wi"]
   assert wi.shape == (4, 32, 32) and wi.sharding.spec == jax.sharding.PartitionSpec("expert", None, "model")
+
+
+def test_metrics_writer_and_progress_bar(tmp_path):
+  import io
+
+  from stmoe.training import metrics as metrics_lib
+
+  w = metrics_lib.MetricsWriter(str(tmp_path))
+  w.write(10, {"loss": 1.5, "learning_rate": 0.01, "tokens_per_second": 100.0, "bad": float("nan")})
+  w.close()
+  row = json.loads(open(tmp_path / "metrics.jsonl").read())
+  assert row == {"step": 10, "loss": 1.5, "learning_rate": 0.01, "tokens_per_second": 100.0, "bad": "nan"}
+  assert metrics_lib.MetricsWriter(str(tmp_path / "other"), enabled=False)._jsonl is None  # not process 0
+  assert not os.path.exists(tmp_path / "other")
+  stream = io.StringIO()  # not a tty: plain lines, rate-limited, always the final one
+  bar = metrics_lib.ProgressBar(100, start_step=0, stream=stream, plain_every_s=3600)
+  bar.update(1, 2.0, force=True)
+  bar.update(2, 2.0)
+  line = bar.update(100, 1.0)
+  lines = stream.getvalue().splitlines()
+  assert len(lines) == 2 and lines[-1] == line
+  assert "step 100/100 loss 1.0000" in line and "steps/s" in line and "ETA 00:00" in line
