@@ -48,6 +48,7 @@ def _setup(prog: str, description: str, argv: Sequence[str]):
     bindings.append(f"MODEL_DIR = {os.path.abspath(os.path.expanduser(args.model_dir))!r}")
   # Register every configurable a run file may bind before parsing.
   import stmoe.training.evaluate  # noqa: F401
+  import stmoe.training.finetune  # noqa: F401  (finetune_optimizer, train_callbacks, TaskEvalCallback)
   import stmoe.training.trainer  # noqa: F401
 
   gin_utils.parse_gin(args.gin_file, bindings, args.gin_search_paths)
@@ -94,14 +95,15 @@ def train_main(argv: Sequence[str]) -> int:
   import gin
   import jax
 
-  from stmoe.training import trainer
+  from stmoe.training import finetune, trainer
 
   if jax.process_index() == 0:
     print("# gin config (operative config is written to MODEL_DIR/config.gin after the first step)")
     print(gin.config_str())
   _save_config(_model_dir(), gin.config_str())
   try:
-    result = trainer.train(progress=not args.no_progress)
+    # Hooks from gin (e.g. runs/finetune.gin: train_callbacks.callbacks = [@TaskEvalCallback()]).
+    result = trainer.train(progress=not args.no_progress, callbacks=finetune.train_callbacks())
   except _user_errors() as e:
     return _fail(prog, e)
   except (TypeError, ValueError) as e:
