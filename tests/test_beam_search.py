@@ -234,3 +234,74 @@ def test_unfinished_rows_fall_back_to_alive_beams():
       assert not res.finished[row].any() and res.valid[row].all()
       np.testing.assert_array_equal(res.sequences[row, :, 0], order[:2])
       np.testing.assert_allclose(res.scores[row], first_lp[row][order[:2]] / lp1, rtol=1e-5)
+
+
+# --- longer sequences: the early stop changes nothing ------------------------------------------------------
+
+
+
+def _reference_beam_search(next_logp, beam: int, alpha: float, length: int, eos: int):
+  """Plain-Python beam search with the same candidate rules but no early stop (runs all `length` steps).
+
+  next_logp(prefixes) -> [len(prefixes), V] log-probabilities of the next token. Returns the finished
+  (sequence, score) pairs best first, or the alive ones scored at `length` when nothing finished.
+  """
+  alive, finished = [((), 0.0)], []
+  for t in range(length):
+    rows = next_logp([seq for seq, _ in alive])
+    cands = [(seq + (tok,), lp + rows[j][tok]) for j, (seq, lp) in enumerate(alive) for tok in range(V)]
+    cands = sorted(cands, key=lambda c: -c[1])[:2 * beam]  # stable: ties keep (beam, token) order
+    finished += [(seq, lp / _penalty(t + 1, alpha)) for rank, (seq, lp) in enumerate(cands)
+                 if seq[-1] == eos and rank < beam]
+    finished = sorted(finished, key=lambda c: -c[1])[:beam]
+    alive = [(seq, lp) for seq, lp in cands if seq[-1] != eos][:beam]
+  if finished:
+    return finished
+  return [(seq, lp / _penalty(length, alpha)) for seq, lp in alive]
+
+
+def _synthetic_logits(tables: np.ndarray, row: int, step: int, fed: tuple) -> np.ndarray:
+  """[V] next-token logits of a synthetic model: depends on the row, the step, the last fed token and the
+  sum of all fed tokens (so a wrongly gathered cache changes them)."""
+  return tables[row, step, fed[-1]] + tables[row, -1 - step, sum(fed) % V]
+
+
+@pytest.mark.parametrize("beam,alpha", [(1, 0.0), (2, 0.6), (3, 2.0), (4, 0.6), (5, -0.5)])
+def test_loop_matches_reference_on_synthetic_model(beam, alpha):
+  """Length 8, 3 rows: same beams and scores as a no-early-stop reference, for a synthetic step function
+  whose logits depend on the whole history kept in the 'cache' (so the per-step gather is checked too)."""
+  length, batch = 8, 3
+  tables = np.random.RandomState(7).standard_normal((batch, 2 * length, V, V)).astype(np.float32) * 1.5
+
+  def step(tokens, cache, i):  # tokens [batch * beam, 1]; cache [batch * beam, length]: fed tokens so far
+    cache = jax.lax.dynamic_update_slice(cache, tokens, (0, i))
+    last = tokens[:, 0]
+    rows = jnp.arange(batch * beam) // beam
+    total = jnp.sum(cache, axis=1) % V
+    t = jnp.asarray(tables)
+    return t[rows, i, last] + t[rows, 2 * length - 1 - i, total], cache
+
+  cfg = DecodeConfig(method="beam", beam_size=beam, length_penalty=alpha, max_decode_length=length)
+
+  @jax.jit
+  def run():
+    state = beam_search.beam_loop(step, jnp.zeros((batch * beam, length), jnp.int32),
+                                  beam_search.init_state(batch, beam, length), jnp.zeros((batch * beam,), jnp.int32),
+                                  0, length, cfg)
+    return beam_search.finalize(state, length, alpha)
+
+  res = jax.tree_util.tree_map(np.asarray, run())
+  num_finished = 0
+  for row in range(batch):
+    next_logp = lambda prefixes: [_log_softmax(_synthetic_logits(tables, row, len(p), (0,) + p)) for p in prefixes]
+    expected = _reference_beam_search(next_logp, beam, alpha, length, 1)
+    got = [(tuple(int(x) for x in s), sc) for s, sc, ok in zip(res.sequences[row], res.scores[row],
+                                                               res.valid[row]) if ok]
+    assert len(got) == len(expected)
+    for (seq, score), (ref_seq, ref_score) in zip(got, expected):
+      assert seq == ref_seq + (0,) * (length - len(ref_seq))
+      np.testing.assert_allclose(score, ref_score, rtol=1e-5, atol=1e-5)
+    num_finished += int(res.finished[row].sum())
+  assert num_finished > 0
+
+
