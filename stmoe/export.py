@@ -144,6 +144,26 @@ def load(path: str, gin_files: Sequence[str] = (), bindings: Sequence[str] = ())
                 step=_step_of(step_dir), is_export=False, source=step_dir)
 
 
+def restore_for_model(model: Any, path: str) -> tuple[Any, int | None]:
+  """(float32 params, step) for an already-configured `model` from an export dir or a training checkpoint."""
+  import orbax.checkpoint as ocp
+
+  from stmoe import checkpoints as ckpt_lib
+  from stmoe.checkpoints import _restore_args
+
+  path = os.path.abspath(os.path.expanduser(path))
+  if is_export_dir(path):
+    with open(os.path.join(path, EXPORT_FILE), encoding="utf-8") as f:
+      info = json.load(f)
+    abstract = _single_device_abstract(model, info.get("dtype", "float32"))
+    with ocp.PyTreeCheckpointer() as ckptr:
+      params = ckptr.restore(os.path.join(path, PARAMS_SUBDIR),
+                             args=ocp.args.PyTreeRestore(item=abstract, restore_args=_restore_args(abstract)))
+    return _to_float32(params), info.get("step")
+  step_dir = ckpt_lib.latest_step_dir(path)
+  return ckpt_lib.restore_params(step_dir, _single_device_abstract(model)), _step_of(step_dir)
+
+
 def _resolve_vocab() -> str | None:
   """The vocabulary the (just parsed) config selects; None if it can't be resolved."""
   try:

@@ -153,3 +153,119 @@ def write_predictions(path: str, records: Sequence[Mapping[str, Any]]) -> str:
     for r in records:
       f.write(json.dumps(r, ensure_ascii=False) + "\n")
   return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `stmoe eval` with task metrics.
+
+
+def tasks_with_metrics(name: str) -> list[str]:
+  """The task itself, or a mixture's sub-tasks, that have seqio metric functions."""
+  import seqio
+
+  import stmoe.tasks  # noqa: F401
+
+  provider = seqio.get_mixture_or_task(name)
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  return [t.name for t in tasks if t.metric_fns]
+
+
+def _query(macro: str, default: Any = None) -> Any:
+  import gin
+
+  try:
+    return gin.query_parameter(f"%{macro}")
+  except ValueError:
+    return default
+
+
+def task_metrics_from_gin(loss_scalars: Mapping[str, float] | None = None, *, output: str | None = None,
+                          progress: bool = True) -> dict[str, Any]:
+  """Decodes and scores the gin-configured eval task(s) (runs/eval.gin macros) with their seqio metrics.
+
+  Uses MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS, BATCH_SIZE, EVAL_SPLIT, MODEL_DIR, CHECKPOINT_PATH (a
+  training checkpoint or an export directory). Writes {"checkpoint", "step", "loss_metrics", "task_metrics"}
+  to `output` (default MODEL_DIR/eval_results.json) and returns it.
+  """
+  from stmoe import export as export_lib
+  from stmoe.training import trainer as trainer_lib
+
+  name = _query("MIXTURE_OR_TASK_NAME")
+  lengths = dict(_query("TASK_FEATURE_LENGTHS") or {})
+  batch_size = int(_query("BATCH_SIZE") or 32)
+  split = _query("EVAL_SPLIT") or "validation"
+  model_dir = _query("MODEL_DIR")
+  path = _query("CHECKPOINT_PATH") or model_dir
+  if not name or not path:
+    raise ValueError("task metrics need MIXTURE_OR_TASK_NAME and MODEL_DIR or CHECKPOINT_PATH.")
+  model = trainer_lib.default_model()
+  params, step = export_lib.restore_for_model(model, path)
+  results: dict[str, Any] = {}
+  for task in tasks_with_metrics(name):
+    r = run_task_eval(model, params, task, split, lengths, batch_size=batch_size, progress=progress)
+    results[task] = r.metrics
+  payload = {"checkpoint": os.path.abspath(path), "step": step, "split": split,
+             "loss_metrics": dict(loss_scalars or {}), "task_metrics": results}
+  out = output or os.path.join(model_dir or path, "eval_results.json")
+  write_results(out, payload)
+  payload["output"] = out
+  return payload
+
+
+def eval_main(argv: Sequence[str]) -> int:
+  """`stmoe eval --checkpoint DIR --task NAME`: task metrics of an export dir or a checkpoint, as JSON.
+
+  The model comes from the directory's config.gin (export dirs and MODEL_DIRs have one) or from --gin_file.
+  """
+  import argparse
+
+  from stmoe import export as export_lib
+  from stmoe import gin_utils
+  from stmoe import inference
+
+  parser = argparse.ArgumentParser(prog="stmoe eval", description=eval_main.__doc__)
+  parser.add_argument("--checkpoint", required=True, help="export directory or training checkpoint/MODEL_DIR")
+  parser.add_argument("--task", required=True, help="a seqio task or mixture (its tasks with metrics are scored)")
+  parser.add_argument("--split", default="validation")
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--inputs_length", type=int, default=512)
+  parser.add_argument("--targets_length", type=int, default=64)
+  parser.add_argument("--max_examples", type=int, default=None)
+  parser.add_argument("--output", default=None, help="results JSON (default: CHECKPOINT/eval_results.json)")
+  parser.add_argument("--predictions", default=None, help="also write the predictions of each task as JSONL here")
+  parser.add_argument("--no_progress", action="store_true")
+  inference.add_decode_flags(parser)
+  gin_utils.add_gin_flags(parser)
+  args, bindings = gin_utils.parse_known_gin_args(parser, list(argv))
+  try:
+    loaded = export_lib.load(args.checkpoint, args.gin_file, bindings)
+  except (export_lib.ExportError, gin_utils.GinConfigError) as e:
+    print(f"stmoe eval: error: {e}", file=sys.stderr)
+    return 2
+  if loaded.vocab_path:
+    from stmoe.data import vocab
+
+    vocab.set_vocabulary_path(loaded.vocab_path)
+  cfg = inference.decode_config_from_args(args, args.targets_length)
+  lengths = {"inputs": args.inputs_length, "targets": args.targets_length}
+  results, records = {}, []
+  for task in tasks_with_metrics(args.task):
+    r = run_task_eval(loaded.model, loaded.params, task, args.split, lengths, batch_size=args.batch_size,
+                      max_examples=args.max_examples, decode_config=cfg, seed=args.seed,
+                      progress=not args.no_progress)
+    results[task] = r.metrics
+    records += [{"task": task, **rec} for rec in r.records()]
+    for k, v in sorted(r.metrics.items()):
+      print(f"{task}/{args.split} {k} = {v:.6g}")
+  if not results:
+    print(f"stmoe eval: {args.task!r} has no task with metric functions.", file=sys.stderr)
+    return 2
+  base = loaded.source if loaded.is_export else (export_lib.find_config(loaded.source) or loaded.source)
+  base_dir = base if os.path.isdir(base) else os.path.dirname(base)
+  out = args.output or os.path.join(base_dir, "eval_results.json")
+  write_results(out, {"checkpoint": loaded.source, "step": loaded.step, "split": args.split,
+                      "task_metrics": results})
+  if args.predictions:
+    write_predictions(args.predictions, records)
+  print(f"stmoe eval: wrote {out}")
+  return 0
