@@ -145,53 +145,63 @@ def dispatch_sort(x: jax.Array, route: RouterOutput, experts: ExpertsFn, num_exp
 
 
 @jax.custom_vjp
-def block_grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, num_used: jax.Array) -> jax.Array:
-  """Rows in blocks of one expert each: out[b] = x[b] @ w[block_expert[b]] for b < num_used, else 0.
+def block_grouped_matmul(x: jax.Array, w: jax.Array, block_start: jax.Array, block_end: jax.Array) -> jax.Array:
+  """Rows in blocks of one expert each: out[b] = x[b] @ w[e] for block_start[e] <= b < block_end[e].
 
-  x: [blocks, block_size, in]; w: [experts, in, out]; block_expert: [blocks] int32; num_used: []
-  int32, blocks past it (the static bound's slack) are skipped. A loop over blocks (lax.scan) that
-  never materialises per-block copies of the weights; the custom VJP accumulates dw in place per
-  expert instead of adding a full [experts, in, out] cotangent per block.
+  x: [blocks, block_size, in]; w: [experts, in, out]; block_start, block_end: [experts] int32 block
+  ranges (contiguous, ascending; blocks outside every range give 0). A loop over experts, and inside
+  it a dynamic-length loop over that expert's blocks: the expert's weights are sliced once per expert
+  (not per block), the unused slack blocks of the static bound cost nothing, and the custom VJP
+  accumulates each expert's weight gradient in a local [in, out] sum.
   """
-  return _bgmm_fwd_impl(x, w, block_expert, num_used)
+  return _bgmm_fwd_impl(x, w, block_start, block_end)
 
 
-def _bgmm_fwd_impl(x, w, block_expert, num_used):
-  out_shape = (x.shape[1], w.shape[-1])
+def _bgmm_fwd_impl(x, w, block_start, block_end):
+  out_dtype = jnp.result_type(x, w)
 
-  def body(_, xs):
-    xb, e, i = xs
-    out = jax.lax.cond(
-        i < num_used, lambda: xb @ jax.lax.dynamic_index_in_dim(w, e, keepdims=False),
-        lambda: jnp.zeros(out_shape, jnp.result_type(x, w)))
-    return None, out  # [block, out]
+  def per_expert(e, out):
+    we = jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # [in, out]
 
-  _, out = jax.lax.scan(body, None, (x, block_expert, jnp.arange(x.shape[0], dtype=jnp.int32)))
-  return out  # [blocks, block, out]
+    def body(carry):
+      b, out = carry
+      xb = jax.lax.dynamic_index_in_dim(x, b, keepdims=False)  # [block, in]
+      return b + 1, jax.lax.dynamic_update_index_in_dim(out, (xb @ we).astype(out_dtype), b, 0)
+
+    _, out = jax.lax.while_loop(lambda c: c[0] < block_end[e], body, (block_start[e], out))
+    return out
+
+  out0 = jnp.zeros((x.shape[0], x.shape[1], w.shape[-1]), out_dtype)  # [blocks, block, out]
+  return jax.lax.fori_loop(0, w.shape[0], per_expert, out0)
 
 
-def _bgmm_fwd(x, w, block_expert, num_used):
-  return _bgmm_fwd_impl(x, w, block_expert, num_used), (x, w, block_expert, num_used)
+def _bgmm_fwd(x, w, block_start, block_end):
+  return _bgmm_fwd_impl(x, w, block_start, block_end), (x, w, block_start, block_end)
 
 
 def _bgmm_bwd(res, dy):
-  x, w, block_expert, num_used = res
+  x, w, block_start, block_end = res
   acc = jnp.promote_types(w.dtype, jnp.float32)
+  dx_dtype = jnp.result_type(dy, w)
 
-  def used(dw, xb, dyb, e):
-    we = jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # [in, out]
-    upd = jax.lax.dynamic_index_in_dim(dw, e, keepdims=False) + xb.T.astype(acc) @ dyb.astype(acc)
-    return jax.lax.dynamic_update_index_in_dim(dw, upd, e, 0), dyb @ we.T  # dw, dx [block, in]
+  def per_expert(e, carry):
+    dx, dw = carry
+    we_t = jax.lax.dynamic_index_in_dim(w, e, keepdims=False).T  # [out, in]
 
-  def unused(dw, xb, dyb, e):
-    return dw, jnp.zeros(xb.shape, jnp.result_type(dy, w))
+    def body(c):
+      b, dx, dwe = c
+      xb = jax.lax.dynamic_index_in_dim(x, b, keepdims=False)  # [block, in]
+      dyb = jax.lax.dynamic_index_in_dim(dy, b, keepdims=False)  # [block, out]
+      dx = jax.lax.dynamic_update_index_in_dim(dx, (dyb @ we_t).astype(dx_dtype), b, 0)
+      return b + 1, dx, dwe + xb.T.astype(acc) @ dyb.astype(acc)
 
-  def body(dw, xs):
-    xb, dyb, e, i = xs
-    return jax.lax.cond(i < num_used, used, unused, dw, xb, dyb, e)
+    _, dx, dwe = jax.lax.while_loop(lambda c: c[0] < block_end[e], body,
+                                    (block_start[e], dx, jnp.zeros(w.shape[1:], acc)))
+    return dx, jax.lax.dynamic_update_index_in_dim(dw, dwe, e, 0)
 
+  dx0 = jnp.zeros(x.shape, dx_dtype)
   dw0 = jnp.zeros(w.shape, acc)
-  dw, dx = jax.lax.scan(body, dw0, (x, dy, block_expert, jnp.arange(x.shape[0], dtype=jnp.int32)))
+  dx, dw = jax.lax.fori_loop(0, w.shape[0], per_expert, (dx0, dw0))
   return dx.astype(x.dtype), dw.astype(w.dtype), None, None
 
 
@@ -238,13 +248,11 @@ def dispatch_dropless(x: jax.Array, route: RouterOutput, experts: ExpertsFn, num
     def matmul(a, w):
       return jax.lax.ragged_dot(a, w, group_sizes)  # [rows, out]
   else:
-    end = start + segment  # [e]
-    block_start = jnp.arange(num_blocks, dtype=jnp.int32) * block_size  # [blocks]
-    block_expert = jnp.minimum(jnp.sum(block_start[:, None] >= end[None, :], axis=1), e - 1).astype(jnp.int32)
-    num_used = (jnp.sum(segment) // block_size).astype(jnp.int32)  # []
+    first_block = (start // block_size).astype(jnp.int32)  # [e]
+    last_block = ((start + segment) // block_size).astype(jnp.int32)  # [e] (exclusive)
 
     def matmul(a, w):
-      out = block_grouped_matmul(a.reshape(num_blocks, block_size, a.shape[-1]), w, block_expert, num_used)
+      out = block_grouped_matmul(a.reshape(num_blocks, block_size, a.shape[-1]), w, first_block, last_block)
       return out.reshape(num_rows, w.shape[-1])  # [rows, out]
 
   out_rows = experts(x_rows, matmul)  # [rows, d]
