@@ -281,3 +281,22 @@ def test_sharded_over_data_and_expert_mesh_matches_unsharded(tmp_path):
                        cwd=str(tmp_path), timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   assert res.stdout.count("OK") == 3
+
+
+def test_block_grouped_matmul_with_empty_experts_and_slack():
+  rs = np.random.RandomState(0)
+  x = rs.randn(6, 4, 3).astype(np.float32)  # 6 blocks of 4 rows; blocks 4-5 are slack
+  w = rs.randn(3, 3, 5).astype(np.float32)
+  start, end = np.array([0, 2, 2], np.int32), np.array([2, 2, 4], np.int32)  # expert 1 has no rows
+  owner = {0: 0, 1: 0, 2: 2, 3: 2}
+  want = np.stack([x[b] @ w[owner[b]] if b in owner else np.zeros((4, 5)) for b in range(6)])
+  fn = lambda x, w: dispatch_lib.block_grouped_matmul(x, w, jnp.asarray(start), jnp.asarray(end))
+  np.testing.assert_allclose(np.asarray(fn(x, w)), want, atol=1e-5)
+  dy = rs.randn(6, 4, 5).astype(np.float32)
+  dx, dw = jax.vjp(fn, x, w)[1](jnp.asarray(dy))
+  want_dx = np.stack([dy[b] @ w[owner[b]].T if b in owner else np.zeros((4, 3)) for b in range(6)])
+  want_dw = np.zeros_like(w)
+  for b, e in owner.items():
+    want_dw[e] += x[b].T @ dy[b]
+  np.testing.assert_allclose(np.asarray(dx), want_dx, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dw), want_dw, atol=1e-5)
