@@ -1,7 +1,8 @@
 """Beam search: beam=1 is greedy, exhaustive beams find the brute-force optimum, scores are the model's.
 
-References are independent of the beam code: greedy decoding (`predict_batch`), and NumPy scoring of every
-EOS-terminated sequence from one full (uncached) forward pass of the network.
+References are independent of the beam code: greedy decoding (`predict_batch`), NumPy scoring of every
+sequence from one full (uncached) forward pass of the network, and a plain-Python beam search without early
+stopping over a synthetic model whose logits depend on the whole (cached) history.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from stmoe import beam_search
 from stmoe.config import SparseLayout
 from stmoe.decoding import DecodeConfig
 from stmoe.models.api import make_model
-from stmoe.models.networks import EncoderDecoder
 
-V = 6  # tiny vocabulary: 0 pad/start, 1 EOS, so EOS is frequent and every sequence can be enumerated
+V = 6  # tiny vocabulary (0 pad/start, 1 EOS) so that every sequence can be enumerated
 L = 3  # max decode length for the brute-force cases
 EXHAUSTIVE_BEAM = V * (V - 1) ** (L - 1)  # >= every candidate of the last step, so nothing is ever pruned
 
