@@ -16,8 +16,16 @@ VOCAB = 64
 
 
 def tiny_config(num_experts: int = 4, dtype: str = "float32", **moe_overrides):
-  """2+2 layers, d_model 32, 4 heads, 4 experts top-2 on every other layer (layers 1 of each stack)."""
+  """2+2 layers, d_model 32, 4 heads, 4 experts top-2 on every other layer (layers 1 of each stack).
+
+  gin is cleared first: ModelConfig/MoeConfig are gin-configurable, so bindings left behind by an
+  in-process CLI test would otherwise silently change this model.
+  """
+  import gin
+
   from stmoe.config import ModelConfig, MoeConfig, SparseLayout
+
+  gin.clear_config()
 
   settings = dict(num_experts=num_experts, num_selected_experts=2, d_ff=32, group_size=32,
                   train_capacity_factor=2.0, eval_capacity_factor=2.0)

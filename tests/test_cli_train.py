@@ -40,6 +40,24 @@ def test_stmoe_train_pretrain_gin_tiny_sparse_model(tmp_path):
   assert "train.train_steps = 24" in config or "TRAIN_STEPS = 24" in config
   assert "ModelConfig.d_model = 32" in config
 
+  # `stmoe eval` with runs/eval.gin on the same checkpoint (in-process).
+  eval_args = ["--gin_file", "models/st_moe_tiny.gin", "--gin_file", "runs/eval.gin", *SMALL[:-2],
+               "--gin.evaluate.input_fn=@synthetic_input", "--gin.synthetic_input.vocab_size=64",
+               "--gin.EVAL_STEPS=2", "--model_dir", str(model_dir)]
+  assert commands.eval_main(eval_args) == 0
+  rows = [json.loads(l) for l in open(model_dir / "metrics.jsonl")]
+  last = rows[-1]
+  assert last["step"] == 24 and last["eval/num_batches"] == 2.0 and "eval/experts/router_z_loss" in last
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+  """train_main/eval_main parse gin into the global config; leave nothing behind for other tests."""
+  yield
+  import gin
+
+  gin.clear_config()
+
 
 def _run(argv, capsys):
   rc = commands.train_main(argv)
