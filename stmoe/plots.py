@@ -50,8 +50,13 @@ def expert_load(records: Sequence[dict[str, Any]]) -> dict[str, list[float]]:
 
 
 def training_plot(path: str, pretrain: Sequence[dict[str, Any]], finetune: Sequence[dict[str, Any]], *,
-                  baseline: float | None = None, title: str = "stmoe quickstart") -> str:
-  """Writes a 3-panel PNG: pretraining loss, fine-tuning loss + task accuracy, expert load per MoE layer."""
+                  baseline: float | None = None, accuracy_scale: float = 1.0,
+                  title: str = "stmoe quickstart") -> str:
+  """Writes a 3-panel PNG: pretraining loss, fine-tuning loss + task accuracy, expert load per MoE layer.
+
+  `accuracy_scale` multiplies the logged task_eval/accuracy (0.01 for seqio's percent) to plot fractions;
+  `baseline` (a fraction) is drawn as a horizontal line.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
@@ -79,6 +84,7 @@ def training_plot(path: str, pretrain: Sequence[dict[str, Any]], finetune: Seque
   ax.set_title("fine-tuning (genre of unseen plays)")
   ax.grid(alpha=0.3)
   acc_s, acc_v = series(finetune, "task_eval/accuracy")
+  acc_v = [a * accuracy_scale for a in acc_v]
   if acc_s:
     ax2 = ax.twinx()
     ax2.plot(acc_s, acc_v, "o-", color="tab:green", label="validation accuracy")
@@ -100,12 +106,13 @@ def training_plot(path: str, pretrain: Sequence[dict[str, Any]], finetune: Seque
     width = 0.8 / len(layers)
     x = np.arange(num_experts)
     for i, layer in enumerate(layers):
-      fr = load[layer]
-      ax.bar(x[:len(fr)] + (i - (len(layers) - 1) / 2) * width, fr, width, label=layer)
-    ax.axhline(1.0 / num_experts, color="k", linestyle=":", label="uniform")
+      fr = np.asarray(load[layer], np.float64)
+      share = fr / max(float(fr.sum()), 1e-12)  # each expert's share of the layer's kept assignments
+      ax.bar(x[:len(fr)] + (i - (len(layers) - 1) / 2) * width, share, width, label=layer)
+    ax.axhline(1.0 / num_experts, color="k", linestyle=":", label="uniform (1/experts)")
     ax.set_xticks(x)
     ax.set_xlabel("expert")
-    ax.set_ylabel("fraction of routed tokens")
+    ax.set_ylabel("share of routed (kept) token assignments")
     ax.legend(fontsize=8)
   else:
     ax.text(0.5, 0.5, "no router statistics logged", ha="center", va="center")

@@ -160,7 +160,6 @@ def run_quickstart(output_dir: str = "stmoe_quickstart",
   # 4. evaluation ----------------------------------------------------------------------------------------
   _stage("4/5 evaluate on the unseen plays")
   t0 = time.time()
-  final_step, final_metrics = eval_cb.history[-1]
   train_labels = task_eval.task_targets(finetune_task, "train")
   eval_labels = task_eval.task_targets(finetune_task, "validation")
   if max_eval_examples is not None:
@@ -175,7 +174,8 @@ def run_quickstart(output_dir: str = "stmoe_quickstart",
                                    max_examples=max_eval_examples, progress=progress)
   predictions_path = task_eval.write_predictions(os.path.join(output_dir, "predictions.jsonl"), result.records())
   timings["evaluate"] = time.time() - t0
-  print(f"accuracy {result.metrics['accuracy']:.4f} on {result.num_examples} passages of unseen plays; "
+  accuracy = result.metrics["accuracy"] / 100.0  # seqio/T5 metric fns report accuracy in percent
+  print(f"accuracy {accuracy:.4f} on {result.num_examples} passages of unseen plays; "
         f"majority class ({majority_label!r}) {majority_acc:.4f}")
 
   # 5. export + plot -------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def run_quickstart(output_dir: str = "stmoe_quickstart",
   export_dir = export_lib.export(ft_dir, os.path.join(output_dir, "export"))
   gin_utils.parse_gin([], [])  # export.load reconfigured gin; leave it clean
   plot_path = plots.training_plot(os.path.join(output_dir, PLOT_FILE), pre_records, ft_records,
-                                  baseline=majority_acc,
+                                  baseline=majority_acc, accuracy_scale=0.01,
                                   title=f"stmoe quickstart: tiny ST-MoE, {pretrain_steps} pretraining + "
                                         f"{finetune_steps} fine-tuning steps")
   timings["export_and_plot"] = time.time() - t0
@@ -200,9 +200,9 @@ def run_quickstart(output_dir: str = "stmoe_quickstart",
       "finetune_first_loss": ft.losses[min(ft.losses)] if ft.losses else None,
       "finetune_final_loss": _scalars_mean(ft_records, "loss", 1),
       "finetune_tokens_per_second": ft_tps,
-      "finetune_accuracy": float(result.metrics["accuracy"]),
-      "finetune_accuracy_history": {str(s): m.get("accuracy") for s, m in eval_cb.history},
-      "best_accuracy": None if best is None else best.get("value"),
+      "finetune_accuracy": float(accuracy),
+      "finetune_accuracy_history": {str(s): m["accuracy"] / 100.0 for s, m in eval_cb.history},
+      "best_accuracy": None if best is None else best["value"] / 100.0,
       "best_step": None if best is None else best.get("step"),
       "majority_baseline_accuracy": majority_acc,
       "majority_label": majority_label,
