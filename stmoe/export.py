@@ -100,8 +100,15 @@ def _single_device_abstract(model: Any, dtype: Any = None):
 
 
 def _step_of(step_dir: str) -> int | None:
+  """The training step of a step directory (MODEL_DIR/best records it in best_metric.json)."""
   name = os.path.basename(step_dir.rstrip("/"))
-  return int(name) if name.isdigit() else None
+  if name.isdigit():
+    return int(name)
+  best = os.path.join(step_dir, "best_metric.json")
+  if os.path.exists(best):
+    with open(best, encoding="utf-8") as f:
+      return json.load(f).get("step")
+  return None
 
 
 def _to_float32(params: Any) -> Any:
