@@ -100,6 +100,10 @@ class MoeConfig:
   expert_capacity: int | None = None  # absolute slots per expert per group ("absolute" convention)
   min_expert_capacity: int = 4
   dispatch: Dispatch = "sort"
+  # Dropless grouped matmul: "ragged" (jax.lax.ragged_dot, fast on GPU/TPU), "blocked" (each expert's rows
+  # padded to blocks of dropless_block_size, fast on CPU) or "auto" (blocked on CPU, ragged elsewhere).
+  dropless_impl: Literal["auto", "ragged", "blocked"] = "auto"
+  dropless_block_size: int = 128
   # Top-k options.
   renormalize: Renormalize = "none"  # renormalise the k gates by their sum, before/after dropping
   second_expert_policy: SecondExpertPolicy = "all"
@@ -123,6 +127,7 @@ class MoeConfig:
   def __post_init__(self):
     _check_choice("MoeConfig.router_type", self.router_type, ("tokens_choose", "expert_choice", "noisy_top_k"))
     _check_choice("MoeConfig.dispatch", self.dispatch, ("einsum", "sort", "dropless"))
+    _check_choice("MoeConfig.dropless_impl", self.dropless_impl, ("auto", "ragged", "blocked"))
     _check_choice("MoeConfig.capacity_convention", self.capacity_convention, ("stmoe", "gshard", "absolute"))
     _check_choice("MoeConfig.renormalize", self.renormalize, ("none", "before_drop", "after_drop"))
     _check_choice("MoeConfig.second_expert_policy", self.second_expert_policy, ("all", "sampling", "random"))

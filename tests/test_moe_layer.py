@@ -64,15 +64,15 @@ def _reference(cfg, x, mask, params, route_out, cap):
 
 
 @pytest.mark.parametrize("activations", [("relu",), ("gelu", "linear")])
-def test_dispatch_paths_agree_when_nothing_drops(activations, monkeypatch):
+def test_dispatch_paths_agree_when_nothing_drops(activations):
   x = _x()
   mask = np.ones((2, 8), np.float32)
   mask[1, 5:] = 0
   outs, grads = {}, {}
   for name in ("einsum", "sort", "dropless", "ragged"):
     disp = "dropless" if name == "ragged" else name
-    monkeypatch.setattr(dispatch_lib, "default_dropless_impl", lambda n=name: "ragged" if n == "ragged" else "blocked")
-    cfg = _cfg(dispatch=disp, activations=activations, train_capacity_factor=4.0, eval_capacity_factor=4.0)
+    cfg = _cfg(dispatch=disp, activations=activations, train_capacity_factor=4.0, eval_capacity_factor=4.0,
+               dropless_impl="ragged" if name == "ragged" else "blocked", dropless_block_size=4)
     layer, params = _init(cfg, x)
     y, aux, _ = _run(layer, params, x, mask)
     assert float(aux.fraction_tokens_left_behind) == 0.0

@@ -113,12 +113,9 @@ def main(argv: list[str]) -> int:
                     activations=(args.activation,), group_size=args.group_size,
                     train_capacity_factor=args.capacity_factor, eval_capacity_factor=args.capacity_factor,
                     capacity_convention=args.capacity_convention,
-                    dispatch=disp)
+                    dispatch=disp, dropless_impl=args.dropless_impl or "auto")
     layer = MoeLayer(cfg, dtype=dtype)
     params = layer.init({"params": jax.random.PRNGKey(2)}, x, deterministic=True)
-    if disp == "dropless" and args.dropless_impl:
-      from stmoe.moe import dispatch as dispatch_lib
-      dispatch_lib.default_dropless_impl = lambda: args.dropless_impl  # benchmark-only override
 
     # Training mode (train capacity factor); no jitter / expert dropout / sampling is configured, so the
     # "dropout" rng is drawn from by nothing and the run is deterministic.

@@ -137,7 +137,12 @@ class MoeLayer(nn.Module):
     def run_experts(inputs, matmul):
       return experts(inputs, matmul, deterministic=deterministic)
 
-    y = dispatch_lib.DISPATCHERS[cfg.dispatch](tokens, route, run_experts, cfg.num_experts)  # [g, G, d]
+    if cfg.dispatch == "dropless":
+      impl = None if cfg.dropless_impl == "auto" else cfg.dropless_impl
+      y = dispatch_lib.dispatch_dropless(tokens, route, run_experts, cfg.num_experts, impl=impl,
+                                         block_size=cfg.dropless_block_size)  # [g, G, d]
+    else:
+      y = dispatch_lib.DISPATCHERS[cfg.dispatch](tokens, route, run_experts, cfg.num_experts)  # [g, G, d]
     y = nn.with_logical_constraint(y, ("batch", None, "embed"))
     y = y.reshape(-1, d)[:n].reshape(b, l, d).astype(self.dtype)
     return y, aux_from_route(route, mask, cfg.num_experts, capacity)
