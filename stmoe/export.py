@@ -86,9 +86,12 @@ def configure_model(config_path: str | None, gin_files: Sequence[str] = (), bind
                       "--gin_file models/st_moe_tiny.gin (and the bindings the run used, e.g. --gin.VOCAB_SIZE=8192).")
   gin_utils.parse_gin(list(gin_files), list(bindings))
   if config_path is not None:
-    with gin.unlock_config():
-      gin.parse_config_files_and_bindings([config_path], list(bindings), skip_unknown=True)
-  return gin_utils.configured_model()
+    gin.parse_config_files_and_bindings([config_path], list(bindings), skip_unknown=True)
+  # An operative config records the model's bindings under the scope of the macro that built it
+  # (`MODEL/ModelConfig.d_model = ...` for `MODEL = @make_model()`); unscoped bindings are visible inside
+  # the scope too, so building inside it works for both kinds of config file.
+  with gin.config_scope("MODEL"):
+    return gin_utils.configured_model()
 
 
 def _single_device_abstract(model: Any, dtype: Any = None):

@@ -146,3 +146,4 @@ def test_infer_tsv_and_errors(run, tmp_path):
     inference.read_inputs(str(bad))
   assert inference.main(["--checkpoint", str(tmp_path / "missing"), "--input_file", str(src),
                          "--output", str(tmp_path / "o.jsonl")]) == 2
+
