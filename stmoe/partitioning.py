@@ -216,49 +216,14 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 
 @contextlib.contextmanager
-def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES,
-                 constrain_activations: bool = True) -> Iterator[None]:
+def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> Iterator[None]:
   """Mesh + logical axis rules in scope, so `nn.with_logical_constraint` in the model takes effect.
 
-  Trace (and call) jitted functions inside this context. With constrain_activations=False only the rules
-  are set (no global mesh): flax then skips activation constraints and XLA propagates shardings from the
-  jit in/out shardings alone (see :func:`probe_activation_constraints`).
+  Trace (and call) jitted functions inside this context: the model's activation constraints (e.g. the MoE
+  expert buffers on ("expert", "expert_group", ...)) then pin shardings and XLA inserts the all-to-alls.
   """
-  if not constrain_activations:
-    with nn.logical_axis_rules(rules):
-      yield
-    return
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
-
-
-_WARNED_CONSTRAINTS = False
-
-
-def probe_activation_constraints(mesh: Mesh, fn, *abstract_args) -> bool:
-  """Whether `fn` traces with the model's logical activation constraints active on `mesh`.
-
-  flax's DenseGeneral re-checks multi-dimensional kernels against their initializer while a mesh and rules
-  are active and fails with a rank mismatch for logically partitioned kernels of rank > 2 (the layer must
-  create such kernels itself). When that happens we fall back to sharding propagation from the jit
-  in/out shardings and say so once, instead of failing the run.
-  """
-  try:
-    with mesh_context(mesh):
-      jax.eval_shape(fn, *abstract_args)
-    return True
-  except ValueError as e:
-    if "is only valid for values of rank" not in str(e):
-      raise
-    global _WARNED_CONSTRAINTS
-    if _WARNED_CONSTRAINTS:
-      return False
-    _WARNED_CONSTRAINTS = True
-    logging.getLogger(__name__).warning(
-        "Model activation sharding constraints cannot be traced (flax DenseGeneral boxes a flattened kernel "
-        "with a higher-rank logical spec); running with sharding propagation from parameter and batch "
-        "shardings only. Fix: create multi-dimensional kernels with self.param(...) in the layer.")
-    return False
 
 
 # ---------------------------------------------------------------------------------------------------------

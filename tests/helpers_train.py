@@ -104,23 +104,15 @@ def mode_meshes(out_path: str) -> None:
         "only_params_equal": all(np.array_equal(v, want[k]) for k, v in _flat_params(
             checkpoints.restore_params(os.path.join(work, "data2_expert4"), spec.abstract["params"])).items()),
     }
-  # Is there an all-to-all in the compiled expert-parallel step (only when activation constraints trace)?
+  # Is there an all-to-all in the compiled expert-parallel step?
   # Groups of 8 tokens give 16 encoder / 8 decoder groups, so the "batch" axis divides over data x expert;
   # einsum dispatch: XLA turns the [groups]-sharded -> [experts]-sharded buffer constraint into all-to-alls.
   mesh = finals["data2_expert4"][0]
   model = tiny_model(group_size=8, dispatch="einsum")
   params_abs = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"])
   batch_abs = {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in shapes.items()}
-  constrain = partitioning.probe_activation_constraints(
-      mesh, lambda p, b: model.loss_fn(p, b, None), params_abs, batch_abs)
-  report["constraints_active"] = constrain
-  report["all_to_all"] = None
-  if not constrain:  # nothing to look for: XLA propagates from parameter/batch shardings only
-    with open(out_path, "w") as f:
-      json.dump(report, f, indent=1)
-    return
   param_sh = partitioning.logical_to_sharding(model.params_logical_axes(shapes), mesh, params_abs)
-  with partitioning.mesh_context(mesh, constrain_activations=constrain):
+  with partitioning.mesh_context(mesh):
     lowered = jax.jit(lambda p, b: jax.grad(lambda p: model.loss_fn(p, b, None)[0])(p),
                       in_shardings=(param_sh, {k: partitioning.batch_sharding(mesh, 2) for k in shapes})
                       ).lower(params_abs, batch_abs)

@@ -97,5 +97,5 @@ def test_eight_device_meshes_match_one_device_and_really_shard(tmp_path):
     r = report["reshard"][target]
     assert r["equal"] and r["only_params_equal"] and r["step"] == 4, r
     assert r["data_state"] == {"train": {"index": 4}}
-  if report["constraints_active"]:
-    assert report["all_to_all"], "expert parallelism compiled without an all-to-all"
+  # The MoE buffers' logical constraints make XLA move tokens to their experts with all-to-alls.
+  assert report["all_to_all"], "expert parallelism compiled without an all-to-all"

@@ -38,9 +38,42 @@ default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated
 default_embed_init = nn.initializers.normal(stddev=1.0)
 
 
+class Projection(nn.Module):
+  """A bias-free linear map contracting the last `len(in_axes)` input dims into `features`.
+
+  The kernel [*contracted dims, *features] is created at its full rank with its logical axis names, so
+  sharding constraints apply to the real parameter shape (flax's DenseGeneral initialises a flattened 2-D
+  kernel first, which breaks rank checks under a mesh). The initialiser's fan-in is the product of the
+  contracted dims, as for a 2-D dense layer.
+  """
+
+  features: tuple[int, ...]
+  axes: tuple[str, ...]  # logical names of [*contracted dims, *features]
+  num_contracted: int = 1
+  dtype: Any = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n_in, n_out = self.num_contracted, len(self.features)
+    shape = tuple(x.shape[-n_in:]) + tuple(self.features)
+    init = self.kernel_init
+    if init is default_kernel_init:
+      init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+                                              out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, jnp.float32)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+
+
 def dense(features: int | Sequence[int], axes: tuple[str, ...], *, axis: int | Sequence[int] = -1,
-          dtype: Any, name: str, kernel_init: Initializer = default_kernel_init) -> nn.DenseGeneral:
-  """A bias-free projection whose kernel carries logical axis names `axes`."""
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=nn.with_logical_partitioning(kernel_init, axes), name=name)
+          dtype: Any, name: str, kernel_init: Initializer = default_kernel_init) -> Projection:
+  """A bias-free projection whose kernel carries logical axis names `axes`.
+
+  `axis` names the contracted input dims; they must be the trailing ones (-1, or (-2, -1)).
+  """
+  axis = (axis,) if isinstance(axis, int) else tuple(axis)
+  if sorted(axis) != list(range(-len(axis), 0)):
+    raise ValueError(f"dense() contracts trailing input dims only, got axis={axis}.")
+  features = (features,) if isinstance(features, int) else tuple(features)
+  return Projection(features, tuple(axes), len(axis), dtype, kernel_init, name=name)

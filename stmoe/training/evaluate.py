@@ -59,12 +59,9 @@ def evaluate(model: Any = None,
   it = input_fn(mixture_or_task_name, task_feature_lengths, batch_size, split=split, model_type=model_type,
                 shuffle=False, seed=random_seed, shard_id=shard_id, num_shards=num_shards, repeat=False)
   eval_fn = step_lib.make_eval_step(model.loss_fn)
-  abstract_batch = {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in input_shapes.items()}
-  constrain = partitioning.probe_activation_constraints(mesh, lambda p, b: model.loss_fn(p, b, None),
-                                                        abstract_params, abstract_batch)
   jitted = None
   totals: list[dict[str, float]] = []
-  with partitioning.mesh_context(mesh, constrain_activations=constrain):
+  with partitioning.mesh_context(mesh):
     for i, local in enumerate(it):
       if eval_steps is not None and i >= eval_steps:
         break

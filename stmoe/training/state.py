@@ -61,8 +61,7 @@ def state_spec(model, tx: optax.GradientTransformation, input_shapes: Mapping[st
   """Shapes and shardings of the train state (jax.eval_shape: nothing is materialised)."""
   input_types = input_types or {k: jnp.int32 for k in input_shapes}
   # Initialisation runs outside the logical-rules context: parameters get their shardings from
-  # out_shardings; activation constraints are irrelevant for init (and flax's DenseGeneral re-boxes
-  # kernels with a rank mismatch under active rules).
+  # out_shardings; activation constraints are irrelevant for init.
   abstract = jax.eval_shape(_init_fn(model, tx, input_shapes, input_types, seed))
   logical = model.params_logical_axes(dict(input_shapes))
   param_sh = partitioning.logical_to_sharding(logical, mesh, abstract["params"])

@@ -189,10 +189,7 @@ def train(model: Any = None,
   tx = opt_lib.make_optimizer(optimizer, logical, abstract_params)
   spec = state_lib.state_spec(model, tx, input_shapes, mesh, seed=random_seed)
 
-  abstract_batch = {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in input_shapes.items()}
-  constrain = partitioning.probe_activation_constraints(
-      mesh, model.loss_fn, abstract_params, abstract_batch, jax.ShapeDtypeStruct((2,), np.uint32))
-  in_mesh = lambda: partitioning.mesh_context(mesh, constrain_activations=constrain)
+  in_mesh = lambda: partitioning.mesh_context(mesh)
 
   manager = ckpt_lib.CheckpointManager(model_dir, keep=keep_checkpoints, async_save=async_checkpointing)
   restored = manager.restore_latest(spec.abstract)
