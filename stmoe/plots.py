@@ -94,7 +94,7 @@ def training_plot(path: str, pretrain: Sequence[dict[str, Any]], finetune: Seque
     ax2.set_ylabel("accuracy")
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
-    ax2.legend(lines[0] + lines2[0], ["train loss"] + lines2[1], loc="center right")
+    ax2.legend(lines[0] + lines2[0], ["train loss"] + lines2[1], loc="upper right", fontsize=8)
   else:
     ax.legend()
 
@@ -113,7 +113,9 @@ def training_plot(path: str, pretrain: Sequence[dict[str, Any]], finetune: Seque
     ax.set_xticks(x)
     ax.set_xlabel("expert")
     ax.set_ylabel("share of routed (kept) token assignments")
-    ax.legend(fontsize=8)
+    top = max(max(np.asarray(v) / max(sum(v), 1e-12)) for v in load.values())
+    ax.set_ylim(0, top * 1.35)
+    ax.legend(fontsize=7, loc="upper center", ncol=3)
   else:
     ax.text(0.5, 0.5, "no router statistics logged", ha="center", va="center")
   ax.set_title("expert load per MoE layer (last logged step)")

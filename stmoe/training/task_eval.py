@@ -82,12 +82,12 @@ def predict_texts(model: Any, params: Any, batches: Sequence[Mapping[str, np.nda
                                                      "decoder_target_tokens", "decoder_causal_attention")}
     ids = np.asarray(jax.device_get(model.predict_batch(params, feed, rng, decode_config=cfg)))
     out.extend(decode_texts(vocabulary, ids))
-    if progress:
+    last = i + 1 == len(batches)
+    if progress and (sys.stderr.isatty() or last):  # redraw in place on a terminal; one line in logs
       done = min(len(out), num_examples or len(out))
       sys.stderr.write(f"\r[{label}] batch {i + 1}/{len(batches)} ({done} examples, {time.time() - t0:.0f}s)")
+      sys.stderr.write("\n" if last else "")
       sys.stderr.flush()
-  if progress:
-    sys.stderr.write("\n")
   return out[:num_examples] if num_examples is not None else out
 
 
