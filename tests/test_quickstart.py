@@ -55,3 +55,16 @@ def test_quickstart_fast_end_to_end(tmp_path, capsys):
            "decoder_input_tokens": np.concatenate([np.zeros((2, 1), np.int32), tgt[:, :-1]], axis=1)}
   np.testing.assert_array_equal(np.asarray(exported.model.score_batch(exported.params, batch)),
                                 np.asarray(ckpt.model.score_batch(ckpt.params, batch)))
+
+  # `stmoe eval --checkpoint EXPORT --task ...`: same batches as the quickstart's evaluation, so the same
+  # predictions; its accuracy must equal the one counted independently from predictions.jsonl.
+  results_path = tmp_path / "eval_results.json"
+  preds_path = tmp_path / "eval_preds.jsonl"
+  assert cli.main(["eval", "--checkpoint", summary["export_path"], "--task", "shakespeare_genre",
+                   "--inputs_length", "64", "--targets_length", "4", "--batch_size", "32",
+                   "--max_examples", str(summary["num_eval_examples"]), "--output", str(results_path),
+                   "--predictions", str(preds_path), "--no_progress"]) == 0
+  results = json.load(open(results_path))
+  counted = 100.0 * np.mean([p["prediction"].strip() == p["target"] for p in preds])
+  assert results["task_metrics"]["shakespeare_genre"]["accuracy"] == pytest.approx(counted)
+  assert [json.loads(line)["prediction"] for line in open(preds_path)] == [p["prediction"] for p in preds]

@@ -170,7 +170,7 @@ def tasks_with_metrics(name: str) -> list[str]:
   return [t.name for t in tasks if t.metric_fns]
 
 
-def _query(macro: str, default: Any = None) -> Any:
+def query_macro(macro: str, default: Any = None) -> Any:
   import gin
 
   try:
@@ -190,12 +190,12 @@ def task_metrics_from_gin(loss_scalars: Mapping[str, float] | None = None, *, ou
   from stmoe import export as export_lib
   from stmoe.training import trainer as trainer_lib
 
-  name = _query("MIXTURE_OR_TASK_NAME")
-  lengths = dict(_query("TASK_FEATURE_LENGTHS") or {})
-  batch_size = int(_query("BATCH_SIZE") or 32)
-  split = _query("EVAL_SPLIT") or "validation"
-  model_dir = _query("MODEL_DIR")
-  path = _query("CHECKPOINT_PATH") or model_dir
+  name = query_macro("MIXTURE_OR_TASK_NAME")
+  lengths = dict(query_macro("TASK_FEATURE_LENGTHS") or {})
+  batch_size = int(query_macro("BATCH_SIZE") or 32)
+  split = query_macro("EVAL_SPLIT") or "validation"
+  model_dir = query_macro("MODEL_DIR")
+  path = query_macro("CHECKPOINT_PATH") or model_dir
   if not name or not path:
     raise ValueError("task metrics need MIXTURE_OR_TASK_NAME and MODEL_DIR or CHECKPOINT_PATH.")
   model = trainer_lib.default_model()
