@@ -106,9 +106,9 @@ def mode_meshes(out_path: str) -> None:
     }
   # Is there an all-to-all in the compiled expert-parallel step?
   # Groups of 8 tokens give 16 encoder / 8 decoder groups, so the "batch" axis divides over data x expert;
-  # einsum dispatch: XLA turns the [groups]-sharded -> [experts]-sharded buffer constraint into all-to-alls.
+  # sort dispatch (the default): XLA turns the group-major -> expert-major buffer transpose into all-to-alls.
   mesh = finals["data2_expert4"][0]
-  model = tiny_model(group_size=8, dispatch="einsum")
+  model = tiny_model(group_size=8, dispatch="sort")
   params_abs = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), shapes)["params"])
   batch_abs = {k: jax.ShapeDtypeStruct(v, np.int32) for k, v in shapes.items()}
   param_sh = partitioning.logical_to_sharding(model.params_logical_axes(shapes), mesh, params_abs)

@@ -6,9 +6,10 @@ give identical results when nothing is dropped:
 * :func:`dispatch_einsum`: one-hot dispatch/combine tensors ``[groups, tokens, experts, capacity]``
   and einsums (flaxformer/GShard style). Every op is a dense contraction, which is what TPUs and
   the SPMD partitioner like, but it costs O(tokens * experts * capacity * embed) FLOPs per group.
-* :func:`dispatch_sort`: integer row indices; gather tokens into the capacity buffers
-  ``[experts, groups * capacity, embed]`` and gather the outputs back per (token, choice). Gathers
-  whose transposes are scatter-adds of rows: cheap forward and backward on CPU/GPU.
+* :func:`dispatch_sort`: integer row indices; gather each group's tokens into its capacity buffers
+  ``[groups, experts, capacity, embed]``, transpose to expert-major (the all-to-all under expert
+  parallelism) and gather the outputs back per (token, choice). Gathers whose transposes are gathers
+  too: cheap forward and backward on CPU/GPU.
 * :func:`dispatch_dropless`: no capacity. Every kept (token, choice) gets a row in an expert-sorted
   array; a grouped matmul runs each expert on its rows: ``jax.lax.ragged_dot`` ("ragged", GPU/TPU)
   or, on CPU where ragged_dot is slow, each expert's segment padded to a multiple of ``block_size``
@@ -123,20 +124,29 @@ def _permute_bwd(res, dout):
 permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
+GROUP_BUFFER_AXES = ("batch", "unmodeled", "capacity", "embed")
+
+
 def dispatch_sort(x: jax.Array, route: RouterOutput, experts: ExpertsFn, num_experts: int) -> jax.Array:
-  """Capacity buffers by integer gather: row e*(G*C) + g*C + slot; outputs gathered back per choice."""
+  """Capacity buffers by integer gather within each group; outputs gathered back per (token, choice).
+
+  Each group fills its own [experts, capacity] rows (row = expert * C + slot), so the gathers stay local
+  to a group's shard; the group-major -> expert-major transpose between the two logical constraints is
+  where XLA puts the all-to-all under expert parallelism (tokens travel to their experts and back).
+  """
   g, t, d = x.shape
   c = route.capacity
-  num_rows = num_experts * g * c
-  group = jnp.arange(g, dtype=jnp.int32)[:, None, None]
-  rows = jnp.where(route.kept, route.expert_index * (g * c) + group * c + route.position, num_rows)  # [g, t, k]
-  x_rows, row_assign = _gather_to_rows(x, rows, num_rows)  # [e*g*c, d], [e*g*c]
-  buffers = x_rows.reshape(num_experts, g, c, d)  # [e, g, c, d]
-  buffers = nn.with_logical_constraint(buffers, BUFFER_AXES)
+  rows_per_group = num_experts * c
+  rows = jnp.where(route.kept, route.expert_index * c + route.position, rows_per_group)  # [g, t, k]
+  x_rows, row_assign = jax.vmap(lambda xg, rg: _gather_to_rows(xg[None], rg[None], rows_per_group))(x, rows)
+  x_rows = nn.with_logical_constraint(x_rows.reshape(g, num_experts, c, d), GROUP_BUFFER_AXES)  # [g, e, c, d]
+  buffers = nn.with_logical_constraint(jnp.swapaxes(x_rows, 0, 1), BUFFER_AXES)  # [e, g, c, d]
   out = experts(buffers.reshape(num_experts, g * c, d), batched_matmul).reshape(num_experts, g, c, d)
   out = nn.with_logical_constraint(out, BUFFER_AXES)
-  out_tok = _gather_from_rows(out.reshape(num_rows, d), rows, row_assign)  # [g, t, k, d]
-  return _combine(out_tok, route.combine_weights)
+  out = nn.with_logical_constraint(jnp.swapaxes(out, 0, 1), GROUP_BUFFER_AXES)  # [g, e, c, d]
+  out_tok = jax.vmap(lambda og, rg, ag: _gather_from_rows(og, rg[None], ag))(
+      out.reshape(g, rows_per_group, d), rows, row_assign)  # [g, 1, t, k, d]
+  return _combine(out_tok[:, 0], route.combine_weights)
 
 
 # ----------------------------------------------------------------------------------------------------
