@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 hf_switch_module = pytest.importorskip("transformers.models.switch_transformers.modeling_switch_transformers")
 
 from stmoe.config import ModelConfig, MoeConfig, SparseLayout  # noqa: E402
+from hf_reference import max_rel_err, padded_batch, summed_loglik  # noqa: E402
 from stmoe.interop import hf_switch  # noqa: E402
 from stmoe.models.api import make_model  # noqa: E402
 
@@ -50,17 +51,7 @@ def switch_dir(switch, tmp_path_factory):
 
 
 def _batch(rng, batch: int, enc_len: int, dec_len: int, pad: bool = True) -> dict[str, np.ndarray]:
-  enc = rng.randint(2, VOCAB, (batch, enc_len)).astype(np.int32)
-  tgt = rng.randint(2, VOCAB, (batch, dec_len)).astype(np.int32)
-  tgt[:, -1] = 1
-  for row in range(1, batch if pad else 1):
-    e, d = rng.randint(2, enc_len), rng.randint(2, dec_len)
-    enc[row, e:] = 0
-    tgt[row, d - 1] = 1
-    tgt[row, d:] = 0
-  dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
-  return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in, "decoder_target_tokens": tgt,
-          "decoder_loss_weights": (tgt > 0).astype(np.float32)}
+  return padded_batch(rng, VOCAB, batch, enc_len, dec_len, pad=pad, eos_last=True)
 
 
 def _hf_forward(hf_model, batch):
@@ -71,14 +62,7 @@ def _hf_forward(hf_model, batch):
 
 
 def _torch_scores(out, batch) -> np.ndarray:
-  log_probs = torch.log_softmax(out.logits.double(), dim=-1)
-  labels = torch.tensor(batch["decoder_target_tokens"], dtype=torch.long)
-  token_ll = log_probs.gather(-1, labels[..., None])[..., 0].numpy()
-  return np.sum(token_ll * batch["decoder_loss_weights"], axis=-1)
-
-
-def _max_rel_err(ours, ref) -> float:
-  return float(np.max(np.abs(np.asarray(ours, np.float64) - ref) / np.abs(ref)))
+  return summed_loglik(out.logits, batch)
 
 
 def test_switch_scores_match_torch(switch):
@@ -91,7 +75,7 @@ def test_switch_scores_match_torch(switch):
   for shape in ((2, 7, 5), (3, 13, 9)):
     batch = _batch(rng, *shape)
     ref = _torch_scores(_hf_forward(switch, batch), batch)
-    assert _max_rel_err(score(params, batch), ref) < RTOL, shape
+    assert max_rel_err(score(params, batch), ref) < RTOL, shape
 
 
 def test_directory_load_equals_memory_load(switch, switch_dir):
@@ -123,7 +107,7 @@ def test_token_dropping_matches_torch():
   for stack in ("encoder", "decoder"):
     assert metrics[f"experts/{stack}/layer_1/fraction_tokens_left_behind"] > 0.1  # the drop path is exercised
   ref = _torch_scores(_hf_forward(hf, batch), batch)
-  assert _max_rel_err(jax.jit(model.score_batch)(params, batch), ref) < RTOL
+  assert max_rel_err(jax.jit(model.score_batch)(params, batch), ref) < RTOL
 
 
 def test_router_losses_match_hf_definitions(switch):
@@ -252,7 +236,7 @@ def test_export_round_trip_and_native_model_parity(switch, tmp_path):
   assert hf_sparse == [[False, True, False], [True, True]] and not hf.config.tie_word_embeddings
   batch = _batch(np.random.RandomState(9), 3, 8, 6)
   ref = _torch_scores(_hf_forward(hf, batch), batch)
-  assert _max_rel_err(jax.jit(native_model.score_batch)(native_params, batch), ref) < RTOL
+  assert max_rel_err(jax.jit(native_model.score_batch)(native_params, batch), ref) < RTOL
 
   top2 = cfg.replace(moe=MoeConfig(num_experts=3, num_selected_experts=2, d_ff=24, activations=("relu",),
                                    renormalize="after_drop"))

@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_reference import max_rel_err, padded_batch, summed_loglik  # noqa: E402
 from stmoe.interop import hf_t5  # noqa: E402
 from stmoe.models.api import make_model  # noqa: E402
 
@@ -47,17 +48,7 @@ def t5_v1_1_dir(t5_v1_1, tmp_path_factory):
 
 
 def _batch(rng: np.random.RandomState, batch: int, enc_len: int, dec_len: int) -> dict[str, np.ndarray]:
-  """Random tokens in [2, VOCAB); rows after the first are right-padded at random lengths; targets end in EOS."""
-  enc = rng.randint(2, VOCAB, (batch, enc_len)).astype(np.int32)
-  tgt = rng.randint(2, VOCAB, (batch, dec_len)).astype(np.int32)
-  for row in range(1, batch):
-    e, d = rng.randint(2, enc_len), rng.randint(2, dec_len)
-    enc[row, e:] = 0
-    tgt[row, d - 1] = 1
-    tgt[row, d:] = 0
-  dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], axis=1)
-  return {"encoder_input_tokens": enc, "decoder_input_tokens": dec_in, "decoder_target_tokens": tgt,
-          "decoder_loss_weights": (tgt > 0).astype(np.float32)}
+  return padded_batch(rng, VOCAB, batch, enc_len, dec_len)
 
 
 def _torch_scores(hf_model, batch) -> np.ndarray:
@@ -66,14 +57,7 @@ def _torch_scores(hf_model, batch) -> np.ndarray:
   with torch.no_grad():
     logits = hf_model(input_ids=enc, attention_mask=(enc > 0).long(),
                       decoder_input_ids=torch.tensor(batch["decoder_input_tokens"], dtype=torch.long)).logits
-  log_probs = torch.log_softmax(logits.double(), dim=-1)
-  labels = torch.tensor(batch["decoder_target_tokens"], dtype=torch.long)
-  token_ll = log_probs.gather(-1, labels[..., None])[..., 0].numpy()
-  return np.sum(token_ll * batch["decoder_loss_weights"], axis=-1)
-
-
-def _max_rel_err(ours, ref) -> float:
-  return float(np.max(np.abs(np.asarray(ours, np.float64) - ref) / np.abs(ref)))
+  return summed_loglik(logits, batch)
 
 
 def test_t5_v1_1_scores_match_torch(t5_v1_1):
@@ -87,7 +71,7 @@ def test_t5_v1_1_scores_match_torch(t5_v1_1):
     batch = _batch(rng, *shape)
     ref = _torch_scores(t5_v1_1, batch)
     ours = score(params, batch)
-    assert _max_rel_err(ours, ref) < RTOL, (shape, np.asarray(ours), ref)
+    assert max_rel_err(ours, ref) < RTOL, (shape, np.asarray(ours), ref)
 
 
 def test_t5_0_relu_tied_scores_match_torch():
@@ -97,7 +81,7 @@ def test_t5_0_relu_tied_scores_match_torch():
   assert model.config.activations == ("relu",) and model.config.logits_via_embedding
   assert "head" not in params
   batch = _batch(np.random.RandomState(2), 3, 11, 7)
-  assert _max_rel_err(jax.jit(model.score_batch)(params, batch), _torch_scores(hf, batch)) < RTOL
+  assert max_rel_err(jax.jit(model.score_batch)(params, batch), _torch_scores(hf, batch)) < RTOL
 
 
 def test_mt5_scores_match_torch():
@@ -108,7 +92,7 @@ def test_mt5_scores_match_torch():
       dropout_rate=0.0, feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0)).eval()
   model, params = hf_t5.load_pretrained(hf)
   batch = _batch(np.random.RandomState(8), 2, 9, 6)
-  assert _max_rel_err(jax.jit(model.score_batch)(params, batch), _torch_scores(hf, batch)) < RTOL
+  assert max_rel_err(jax.jit(model.score_batch)(params, batch), _torch_scores(hf, batch)) < RTOL
 
 
 def test_greedy_decoding_matches_generate(t5_v1_1_dir):
@@ -245,6 +229,6 @@ def test_export_round_trip_and_native_model_parity(t5_v1_1, tmp_path):
   hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "native").eval()
   assert hf.config.feed_forward_proj == "relu" and hf.config.tie_word_embeddings
   batch = _batch(np.random.RandomState(9), 3, 8, 6)
-  assert _max_rel_err(jax.jit(native_model.score_batch)(native_params, batch), _torch_scores(hf, batch)) < RTOL
+  assert max_rel_err(jax.jit(native_model.score_batch)(native_params, batch), _torch_scores(hf, batch)) < RTOL
   with pytest.raises(ValueError, match="gated-gelu"):
     hf_t5.save_pretrained(native_params, cfg.replace(activations=("gelu_exact", "linear")), tmp_path / "bad")
