@@ -47,6 +47,11 @@ def _warmup(step, warmup_steps: int):
   return jnp.minimum(1.0, (step + 1.0) / float(warmup_steps))
 
 
+def _decay_progress(step, warmup_steps: int, decay_steps: int):
+  """Fraction of the decay phase done at `step` (0 during warm-up, 1 after warm-up + decay_steps)."""
+  return jnp.clip((step - warmup_steps) / float(decay_steps), 0.0, 1.0)
+
+
 @gin.configurable
 def linear(base_learning_rate: float = 1e-3, decay_steps: int = 10_000, end_learning_rate: float = 0.0,
            warmup_steps: int = 0) -> Schedule:
@@ -56,7 +61,7 @@ def linear(base_learning_rate: float = 1e-3, decay_steps: int = 10_000, end_lear
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    t = jnp.clip((step - warmup_steps) / float(decay_steps), 0.0, 1.0)
+    t = _decay_progress(step, warmup_steps, decay_steps)
     lr = base_learning_rate + (end_learning_rate - base_learning_rate) * t
     return lr * _warmup(step, warmup_steps)
 
@@ -72,7 +77,7 @@ def cosine(base_learning_rate: float = 1e-3, decay_steps: int = 10_000, alpha: f
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
-    t = jnp.clip((step - warmup_steps) / float(decay_steps), 0.0, 1.0)
+    t = _decay_progress(step, warmup_steps, decay_steps)
     lr = base_learning_rate * (alpha + (1.0 - alpha) * 0.5 * (1.0 + jnp.cos(jnp.pi * t)))
     return lr * _warmup(step, warmup_steps)
 
