@@ -52,10 +52,11 @@ def _scalars_mean(records: Sequence[dict], key: str, last: int) -> float | None:
 
 def format_table(rows: Sequence[tuple[str, str]]) -> str:
   width = max(len(k) for k, _ in rows)
-  line = "+" + "-" * (width + 2) + "+" + "-" * 62 + "+"
+  vwidth = max(60, max(len(v) for _, v in rows))
+  line = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"
   out = [line]
   for k, v in rows:
-    out.append(f"| {k.ljust(width)} | {v[:60].ljust(60)} |")
+    out.append(f"| {k.ljust(width)} | {v.ljust(vwidth)} |")
   out.append(line)
   return "\n".join(out)
 
@@ -232,7 +233,7 @@ def run_quickstart(output_dir: str = "stmoe_quickstart",
       ("accuracy (unseen plays)", f"{summary['finetune_accuracy']:.4f} on {result.num_examples} passages"),
       ("majority baseline", f"{majority_acc:.4f} (always {majority_label!r})"),
       ("tokens/s", f"pretrain {pre_tps or 0:,.0f}, fine-tune {ft_tps or 0:,.0f}"),
-      ("time", f"{seconds:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + ")"),
+      ("time", f"{seconds:.0f}s (" + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if v >= 1) + ")"),
       ("parameters", f"{summary['num_parameters']:,}"),
       ("pretrained checkpoint", pre_dir),
       ("fine-tuned checkpoint", ft_dir),
