@@ -119,8 +119,13 @@ def train_main(argv: Sequence[str]) -> int:
 def eval_main(argv: Sequence[str]) -> int:
   """`stmoe eval`: loss metrics of a checkpoint on a task split (runs/eval.gin)."""
   prog = "stmoe eval"
+  if any(a == "--checkpoint" or a.startswith("--checkpoint=") for a in argv):
+    # `stmoe eval --checkpoint DIR --task NAME`: task metrics of an export dir or checkpoint (no gin files).
+    from stmoe.training import task_eval
+
+    return task_eval.eval_main(argv)
   try:
-    _setup(prog, "Evaluate a checkpoint on a seqio task or mixture split.", argv)
+    args = _setup(prog, "Evaluate a checkpoint on a seqio task or mixture split.", argv)
   except gin_utils.GinConfigError as e:
     return _fail(prog, e)
   import jax
@@ -137,4 +142,14 @@ def eval_main(argv: Sequence[str]) -> int:
     for k in sorted(scalars):
       if "/layer_" not in k:
         print(f"{k} = {scalars[k]:.6g}")
+  # Task metrics (decode + the task's seqio metric fns) for tasks that define any; MODEL_DIR/eval_results.json.
+  from stmoe.training import task_eval
+
+  name = task_eval.query_macro("MIXTURE_OR_TASK_NAME")
+  if name and jax.process_count() == 1 and task_eval.tasks_with_metrics(name):
+    payload = task_eval.task_metrics_from_gin(scalars, progress=not args.no_progress)
+    for task, metrics in payload["task_metrics"].items():
+      for k, v in sorted(metrics.items()):
+        print(f"{task}/{k} = {v:.6g}")
+    print(f"{prog}: wrote {payload['output']}")
   return 0
