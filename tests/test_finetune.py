@@ -89,6 +89,13 @@ def test_frozen_parameters_stay_bit_identical(tmp_path, pretrained, trainable):
   assert len(changed) == len(trained), sorted(set(trained) - set(changed))
 
 
+def test_frozen_parameters_with_restored_optimizer_state_is_a_clear_error(tmp_path, pretrained):
+  opt = finetune.finetune_optimizer(learning_rate=1e-2, trainable_params="non_moe")
+  with pytest.raises(ValueError, match="RESTORE_OPTIMIZER_STATE=False"):
+    helpers_train.run_train(str(tmp_path / "both"), steps=3, optimizer=opt, init_checkpoint=pretrained[0],
+                            restore_optimizer_state=True)
+
+
 def test_all_trainable_moves_moe_parameters_too(tmp_path, pretrained):
   pretrained_dir, _ = pretrained
   before, after = _finetune(tmp_path, pretrained_dir, "all")

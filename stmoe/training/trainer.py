@@ -201,6 +201,12 @@ def train(model: Any = None,
   else:
     state = state_lib.init_train_state(model, tx, spec, mesh, random_seed, input_shapes)
     if init_checkpoint:
+      if restore_optimizer_state and optimizer.frozen_patterns:
+        raise ValueError(
+            f"restore_optimizer_state=True cannot be combined with frozen parameters "
+            f"({optimizer.frozen_patterns}): frozen parameters have no optimizer state, so the pretrained "
+            f"state does not fit. Set RESTORE_OPTIMIZER_STATE=False (bind train.restore_optimizer_state) or "
+            f"train all parameters (TRAINABLE_PARAMS='all').")
       if restore_optimizer_state:
         state, _ = ckpt_lib.restore_train_state(init_checkpoint, spec.abstract)
       else:
