@@ -37,26 +37,23 @@ _TOKENIZE = [
 ]
 
 
+# (task suffix, objective preprocessor, whether the examples have an "inputs" feature)
+_OBJECTIVES = (
+    ("span_corruption", preprocessors.span_corruption, True),
+    ("prefix_lm", preprocessors.prefix_lm, True),
+    ("lm", preprocessors.causal_lm, False),
+)
+
+
 def register(corpus: str) -> None:
-  seqio.TaskRegistry.add(
-      f"{corpus}_span_corruption",
-      source=SOURCES[corpus](),
-      preprocessors=_TOKENIZE + [preprocessors.span_corruption,
-                                 seqio.preprocessors.append_eos_after_trim],
-      output_features=output_features(with_inputs=True),
-      metric_fns=[])
-  seqio.TaskRegistry.add(
-      f"{corpus}_prefix_lm",
-      source=SOURCES[corpus](),
-      preprocessors=_TOKENIZE + [preprocessors.prefix_lm, seqio.preprocessors.append_eos_after_trim],
-      output_features=output_features(with_inputs=True),
-      metric_fns=[])
-  seqio.TaskRegistry.add(
-      f"{corpus}_lm",
-      source=SOURCES[corpus](),
-      preprocessors=_TOKENIZE + [preprocessors.causal_lm, seqio.preprocessors.append_eos_after_trim],
-      output_features=output_features(with_inputs=False),
-      metric_fns=[])
+  """Registers {corpus}_span_corruption, {corpus}_prefix_lm and {corpus}_lm."""
+  for suffix, objective, with_inputs in _OBJECTIVES:
+    seqio.TaskRegistry.add(
+        f"{corpus}_{suffix}",
+        source=SOURCES[corpus](),
+        preprocessors=_TOKENIZE + [objective, seqio.preprocessors.append_eos_after_trim],
+        output_features=output_features(with_inputs=with_inputs),
+        metric_fns=[])
 
 
 for _corpus in SOURCES:
