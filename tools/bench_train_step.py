@@ -9,16 +9,19 @@ Capacity: HF Switch gives each expert 64 slots per sequence; ours uses groups of
 factor 2.0, i.e. 64 slots per expert per group (identical for the 256-token encoder sequences).
 
 * ours: stmoe's jitted train step (stmoe.training.step.make_train_step, the trainer's step) on one CPU
-  device (all cores), float32;
+  device (all cores), float32 parameters, once per activation dtype in --dtypes (default: bfloat16 and
+  float32; bfloat16 activations multiply in bf16 with float32 accumulation, see stmoe/layers/matmul.py);
 * peer: transformers.SwitchTransformersForConditionalGeneration, torch eager, float32, loss.backward() +
   torch.optim.AdamW.step(), in the same process after ours;
-* peak: median time of a jitted 2048^3 float32 matmul (2 * 2048^3 FLOPs).
+* peak: median time of a jitted 2048^3 matmul (2 * 2048^3 FLOPs), float32 and bf16-in/f32-accumulate.
 
 tokens/s counts input + target tokens (16 * 320 = 5120 per step). Model FLOPs are counted exactly from the
 matmuls of the architecture (see `model_flops`): 3x the forward matmul FLOPs (forward + two backward
 matmuls per forward matmul), including attention scores and values, the router, the experts at one expert
 per token (padding slots in capacity buffers are NOT counted, as MFU conventions require) and the output
-projection. MFU = model FLOPs per step / step time / peak.
+projection. MFU = model FLOPs per step / step time / peak of the dtype the step multiplies in (the bf16
+peak for bfloat16 activations: about twice the float32 one on CPUs with AVX512-BF16), so a bf16 step
+cannot look better than it is; `mfu_vs_float32_peak` is given beside it.
 
 Wall-clock medians are reported with the process CPU time beside them, because the benchmark machine may
 be shared with other jobs (CPU time is not inflated by them, wall time is).
@@ -37,6 +40,11 @@ import numpy as np
 CONFIG = dict(vocab_size=8000, d_model=256, num_heads=8, d_kv=32, d_ff=1024, num_encoder_layers=4,
               num_decoder_layers=4, num_experts=8, expert_d_ff=1024, sparse_every=2, top_k=1, batch=16,
               inputs_length=256, targets_length=64, optimizer="adamw", learning_rate=1e-4)
+
+# A seconds-long smoke configuration (tests/test_benchmarks.py): same code paths, tiny sizes.
+TINY_CONFIG = dict(CONFIG, vocab_size=256, d_model=32, num_heads=2, d_kv=8, d_ff=64, num_encoder_layers=2,
+                   num_decoder_layers=2, num_experts=4, expert_d_ff=64, batch=2, inputs_length=32,
+                   targets_length=16)
 
 
 def model_flops(c: dict) -> dict[str, float]:
@@ -71,15 +79,15 @@ def _median_times(fn, warmup: int, iters: int) -> tuple[float, float]:
   return statistics.median(wall), statistics.median(cpu)
 
 
-def peak_gflops(iters: int = 10) -> tuple[float, float]:
-  """(wall GFLOP/s, GFLOP per process-CPU-second) of a jitted 2048^3 float32 matmul."""
+def peak_gflops(dtype: str = "float32", iters: int = 10) -> tuple[float, float]:
+  """(wall GFLOP/s, GFLOP per process-CPU-second) of a jitted 2048^3 matmul in `dtype` (f32 accumulation)."""
   import jax
   import jax.numpy as jnp
 
   n = 2048
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   wall, cpu = _median_times(lambda: f(a, b).block_until_ready(), 3, iters)
   return 2 * n ** 3 / wall / 1e9, 2 * n ** 3 / cpu / 1e9
 
@@ -94,7 +102,7 @@ def _batch(c: dict, seed: int = 0) -> dict[str, np.ndarray]:
           "decoder_loss_weights": np.ones_like(targets)}
 
 
-def ours(c: dict, warmup: int, iters: int, dispatch: str) -> dict:
+def ours(c: dict, warmup: int, iters: int, dispatch: str, dtype: str = "float32") -> dict:
   import jax
 
   from stmoe.config import ModelConfig, MoeConfig, SparseLayout
@@ -109,7 +117,7 @@ def ours(c: dict, warmup: int, iters: int, dispatch: str) -> dict:
   cfg = ModelConfig(vocab_size=c["vocab_size"], d_model=c["d_model"], num_heads=c["num_heads"], d_kv=c["d_kv"],
                     d_ff=c["d_ff"], num_encoder_layers=c["num_encoder_layers"],
                     num_decoder_layers=c["num_decoder_layers"], activations=("relu",), moe=moe,
-                    encoder_sparse=layout, decoder_sparse=layout, z_loss=0.0)
+                    encoder_sparse=layout, decoder_sparse=layout, z_loss=0.0, dtype=dtype)
   model = make_model(cfg)
   shapes = input_shapes_for("encoder_decoder", c["batch"], {"inputs": c["inputs_length"],
                                                               "targets": c["targets_length"]})
@@ -141,7 +149,8 @@ def peer(c: dict, warmup: int, iters: int) -> dict:
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count() or 1)
   hf = SwitchTransformersConfig(
-      vocab_size=c["vocab_size"], d_model=c["d_model"], d_kv=c["d_kv"], d_ff=c["d_ff"], expert_capacity=64,
+      vocab_size=c["vocab_size"], d_model=c["d_model"], d_kv=c["d_kv"], d_ff=c["d_ff"],
+      expert_capacity=int(2.0 * c["inputs_length"] / c["num_experts"]),  # = ours: cf 2.0 x group of inputs_length
       num_layers=c["num_encoder_layers"], num_sparse_encoder_layers=c["num_encoder_layers"] // c["sparse_every"],
       num_decoder_layers=c["num_decoder_layers"],
       num_sparse_decoder_layers=c["num_decoder_layers"] // c["sparse_every"], num_heads=c["num_heads"],
@@ -171,45 +180,59 @@ def main(argv: list[str]) -> int:
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--dispatch", default="sort", help="MoE dispatch of our model: sort | einsum | dropless")
+  p.add_argument("--dtypes", default="bfloat16,float32",
+                 help="our activation dtypes, comma-separated; the first is the headline (ours_*, mfu)")
   p.add_argument("--no_peer", action="store_true", help="skip the torch peer")
+  p.add_argument("--tiny", action="store_true", help="a seconds-long smoke configuration, not a benchmark")
   args = p.parse_args(argv)
 
-  c = dict(CONFIG)
+  c = dict(TINY_CONFIG if args.tiny else CONFIG)
   tokens = c["batch"] * (c["inputs_length"] + c["targets_length"])
   flops = model_flops(c)
-  peak, peak_cpu = peak_gflops()
-  ours_r = ours(c, args.warmup, args.iters, args.dispatch)
-  print(f"ours: {tokens / ours_r['step_s']:.0f} tokens/s (step {ours_r['step_s']:.3f} s, cpu {ours_r['step_cpu_s']:.3f} s),"
-        f" peak {peak:.0f} GFLOP/s", flush=True)
+  dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+  peaks = {d: peak_gflops(d) for d in sorted(set(dtypes) | {"float32"})}
+  runs = {}
+  for d in dtypes:
+    r = ours(c, args.warmup, args.iters, args.dispatch, d)
+    r["tokens_per_s"] = tokens / r["step_s"]
+    runs[d] = r
+    print(f"ours ({d}): {r['tokens_per_s']:.0f} tokens/s (step {r['step_s']:.3f} s, cpu {r['step_cpu_s']:.3f} s)",
+          flush=True)
   peer_r = None if args.no_peer else peer(c, args.warmup, args.iters)
-  peak_after, peak_cpu_after = peak_gflops()
-  peak_cpu = max(peak_cpu, peak_cpu_after)
+  for d in peaks:  # the peak again after the runs: the larger one is the machine's, less any load
+    again = peak_gflops(d)
+    peaks[d] = (max(peaks[d][0], again[0]), max(peaks[d][1], again[1]))
+  mfu = lambda step_s, d: flops["train_flops"] / step_s / (peaks[d][0] * 1e9)
+  head = dtypes[0]
   result = {
-      "config": {**c, "dispatch": args.dispatch, "tokens_per_step": tokens, "device": "cpu",
+      "config": {**c, "dispatch": args.dispatch, "dtype": head, "tokens_per_step": tokens, "device": "cpu",
                  "cpu_count": os.cpu_count(), "iters": args.iters},
-      "peak_gflops": peak,
-      "peak_gflops_after": peak_after,
+      "peak_gflops": peaks[head][0],
+      "peak_gflops_float32": peaks["float32"][0],
       "model_flops": flops,
-      "ours_step_s": ours_r["step_s"],
-      "ours_step_cpu_s": ours_r["step_cpu_s"],
-      "ours_compile_s": ours_r["compile_s"],
-      "ours_params": ours_r["params"],
-      "ours_tokens_per_s": tokens / ours_r["step_s"],
-      "mfu": flops["train_flops"] / ours_r["step_s"] / (max(peak, peak_after) * 1e9),
+      "ours_step_s": runs[head]["step_s"],
+      "ours_step_cpu_s": runs[head]["step_cpu_s"],
+      "ours_compile_s": runs[head]["compile_s"],
+      "ours_params": runs[head]["params"],
+      "ours_tokens_per_s": runs[head]["tokens_per_s"],
+      "mfu": mfu(runs[head]["step_s"], head),
+      "mfu_vs_float32_peak": mfu(runs[head]["step_s"], "float32"),
       # Load-independent view for a shared machine: FLOPs per CPU-second of the step vs of the matmul.
-      "peak_gflops_per_cpu_s": peak_cpu,
-      "mfu_cpu_time": flops["train_flops"] / ours_r["step_cpu_s"] / (peak_cpu * 1e9),
+      "mfu_cpu_time": flops["train_flops"] / runs[head]["step_cpu_s"] / (peaks[head][1] * 1e9),
+      "ours_by_dtype": {d: {"tokens_per_s": r["tokens_per_s"], "step_s": r["step_s"], "step_cpu_s": r["step_cpu_s"],
+                            "mfu": mfu(r["step_s"], d), "peak_gflops": peaks[d][0]} for d, r in runs.items()},
   }
   if peer_r is not None:
     result.update({
-        "peer": "transformers.SwitchTransformersForConditionalGeneration (torch eager, AdamW)",
+        "peer": "transformers.SwitchTransformersForConditionalGeneration (torch eager, float32, AdamW)",
         "peer_step_s": peer_r["step_s"], "peer_step_cpu_s": peer_r["step_cpu_s"], "peer_params": peer_r["params"],
         "peer_tokens_per_s": tokens / peer_r["step_s"],
-        "peer_mfu": flops["train_flops"] / peer_r["step_s"] / (max(peak, peak_after) * 1e9),
-        "peer_mfu_cpu_time": flops["train_flops"] / peer_r["step_cpu_s"] / (peak_cpu * 1e9),
-        "speedup_vs_peer": peer_r["step_s"] / ours_r["step_s"],
-        "speedup_vs_peer_cpu_time": peer_r["step_cpu_s"] / ours_r["step_cpu_s"],
+        "peer_mfu": mfu(peer_r["step_s"], "float32"),
+        "speedup_vs_peer": peer_r["step_s"] / runs[head]["step_s"],
+        "speedup_vs_peer_cpu_time": peer_r["step_cpu_s"] / runs[head]["step_cpu_s"],
     })
+    for d, r in runs.items():
+      result["ours_by_dtype"][d]["speedup_vs_peer"] = peer_r["step_s"] / r["step_s"]
   text = json.dumps(result, indent=1)
   print(text)
   if args.json:

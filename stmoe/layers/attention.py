@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from stmoe.layers.common import dense
+from stmoe.layers.matmul import matmul
 
 Array = jax.Array
 
@@ -36,6 +37,53 @@ def causal_mask(query_positions: Array, key_positions: Array) -> Array:
 def segment_mask(query_segments: Array, key_segments: Array) -> Array:
   """[batch, q] x [batch, k] -> [batch, 1, q, k], True within the same packed segment."""
   return (query_segments[:, None, :, None] == key_segments[:, None, None, :])
+
+
+@jax.custom_vjp
+def add_shared_bias(logits: Array, bias: Array) -> Array:
+  """logits [batch, heads, q, k] + bias [1, heads, q, k] (same dtype), the bias broadcast over the batch.
+
+  Same values as `logits + bias`; the custom gradient sums the bias cotangent over the batch with a
+  matrix-vector product, because XLA:CPU's reduction over a major dim of a 4-D array runs ~50x slower
+  than memory bandwidth allows (the shared relative-position bias gradient dominated the step).
+  """
+  return logits + bias
+
+
+def _add_shared_bias_fwd(logits, bias):
+  return logits + bias, None
+
+
+def _add_shared_bias_bwd(_, g):
+  batch = g.shape[0]
+  flat = g.reshape(batch, -1)  # [batch, heads * q * k]
+  ones = jnp.ones((1, batch), flat.dtype)
+  dbias = jax.lax.dot_general(ones, flat, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return g, dbias.reshape((1,) + g.shape[1:]).astype(g.dtype)
+
+
+add_shared_bias.defvjp(_add_shared_bias_fwd, _add_shared_bias_bwd)
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | None, mask: Array | None,
+                          dropout: nn.Module | None = None, *, deterministic: bool = True) -> Array:
+  """Softmax attention in heads-major layout, products in the inputs' dtype with float32 accumulation.
+
+  query [batch, heads, q, kv], key/value [batch, heads, k, kv], bias [1|batch, heads, q, k] (added in
+  float32), mask [batch|1, 1, q, k] (True = may attend) -> [batch, heads, q, kv]. The heads-major layout
+  makes (batch, heads) leading batch dims of both products, the layout XLA's CPU matmul kernels take
+  without copies; the softmax runs in float32.
+  """
+  logits = matmul(query, key, transpose_b=True, out_dtype=jnp.float32)  # [batch, heads, q, k]
+  if bias is not None:
+    bias = bias.astype(jnp.float32)
+    logits = add_shared_bias(logits, bias) if bias.shape[0] == 1 and logits.shape[0] > 1 else logits + bias
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # [batch, heads, q, k]
+  if dropout is not None:
+    weights = dropout(weights, deterministic=deterministic)
+  return matmul(weights, value)  # [batch, heads, q, kv]
 
 
 class MultiHeadAttention(nn.Module):
@@ -79,12 +127,8 @@ class MultiHeadAttention(nn.Module):
                                                           start)
         key, value = cached_key.value, cached_value.value  # [batch, max_length, heads, kv]
 
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32)  # [batch, heads, q, k]
-    if bias is not None:
-      logits = logits + bias.astype(jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)  # [batch, heads, q, k]
-    weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, value)  # [batch, q, heads, kv]
+    heads_major = lambda x: jnp.transpose(x.astype(self.dtype), (0, 2, 1, 3))  # [batch, heads, length, kv]
+    out = dot_product_attention(heads_major(query), heads_major(key), heads_major(value), bias, mask,
+                                nn.Dropout(self.dropout_rate), deterministic=deterministic)
+    out = jnp.transpose(out, (0, 2, 1, 3))  # [batch, q, heads, kv]
     return dense(d_model, ("heads", "kv", "embed"), axis=(-2, -1), dtype=self.dtype, name="out")(out)

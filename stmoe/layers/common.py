@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from stmoe.layers.matmul import linear
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -62,8 +64,7 @@ class Projection(nn.Module):
       init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
                                               out_axis=tuple(range(n_in, n_in + n_out)))
     kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), shape, jnp.float32)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    return jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+    return linear(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
 
 
 def dense(features: int | Sequence[int], axes: tuple[str, ...], *, axis: int | Sequence[int] = -1,

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from stmoe.layers.common import default_embed_init
+from stmoe.layers.matmul import matmul
 
 
 class Embed(nn.Module):
@@ -24,4 +25,7 @@ class Embed(nn.Module):
     return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
 
   def attend(self, x):  # x [batch, length, embed] -> logits [batch, length, vocab]
-    return jnp.einsum("ble,ve->blv", x, self.embedding.astype(self.dtype))
+    lead, embed = x.shape[:-1], x.shape[-1]
+    table = self.embedding.astype(self.dtype)  # [vocab, embed]
+    logits = matmul(x.astype(self.dtype).reshape(-1, embed), table, transpose_b=True)  # [tokens, vocab]
+    return logits.reshape(*lead, table.shape[0])

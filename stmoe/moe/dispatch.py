@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from stmoe.layers.matmul import matmul
 from stmoe.moe.routing import RouterOutput
 
 ExpertsFn = Callable[[jax.Array, Callable[[jax.Array, jax.Array], jax.Array]], jax.Array]
@@ -35,8 +36,8 @@ BUFFER_AXES = ("expert", "expert_group", "capacity", "embed")
 
 
 def batched_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [experts, rows, in] @ w [experts, in, out] -> [experts, rows, out]."""
-  return jnp.einsum("end,edf->enf", x, w)
+  """x [experts, rows, in] @ w [experts, in, out] -> [experts, rows, out] (see stmoe.layers.matmul)."""
+  return matmul(x, w)
 
 
 def _combine(out_tok: jax.Array, weights: jax.Array) -> jax.Array:
