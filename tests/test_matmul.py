@@ -94,11 +94,12 @@ def test_bf16_training_products_stay_bf16_on_cpu():
   """Forward and both backward products of an MLP and of attention compile to bf16 x bf16 dots."""
   rng = np.random.default_rng(3)
   x, w1, w2 = _bf16(rng, (64, 32)), _bf16(rng, (32, 128)), _bf16(rng, (128, 32))
-  q, k, v = (_bf16(rng, (2, 4, 16, 8)) for _ in range(3))
+  q, k, v = (_bf16(rng, (2, 16, 4, 8)) for _ in range(3))  # [batch, length, heads, kv] as projected
 
   def loss(x, w1, w2, q, k, v):
     h = jax.nn.relu(matmul(matmul(x, w1), w2))
-    att = dot_product_attention(q, k, v, None, None)
+    heads_major = lambda t: jnp.transpose(t, (0, 2, 1, 3))  # a transposed view, as in MultiHeadAttention
+    att = dot_product_attention(heads_major(q), heads_major(k), heads_major(v), None, None)
     return jnp.sum(h.astype(jnp.float32)) + jnp.sum(att.astype(jnp.float32))
 
   hlo = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).lower(x, w1, w2, q, k, v).compile().as_text()

@@ -155,7 +155,8 @@ def peer(c: dict, warmup: int, iters: int) -> dict:
       num_decoder_layers=c["num_decoder_layers"],
       num_sparse_decoder_layers=c["num_decoder_layers"] // c["sparse_every"], num_heads=c["num_heads"],
       num_experts=c["num_experts"], router_jitter_noise=0.0, dropout_rate=0.0, router_z_loss_coef=1e-3,
-      router_aux_loss_coef=1e-3, dense_act_fn="relu", use_cache=False, decoder_start_token_id=0)
+      router_aux_loss_coef=1e-3, dense_act_fn="relu", use_cache=False, decoder_start_token_id=0,
+      tie_word_embeddings=False)  # ours has a separate logits projection too (same parameter count)
   model = SwitchTransformersForConditionalGeneration(hf)
   model.train()
   opt = torch.optim.AdamW(model.parameters(), lr=c["learning_rate"])

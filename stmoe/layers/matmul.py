@@ -41,6 +41,16 @@ def _raw(a: Array, b: Array, transpose_b: bool, out_dtype: Any) -> Array:
                              preferred_element_type=jnp.float32).astype(out_dtype)
 
 
+def _row_major(x: Array) -> Array:
+  """x itself, stored row-major: free if it already is, a copy if it is a transposed view (e.g. heads-major
+  attention operands), because XLA:CPU's bf16 product path checks the physical layout too."""
+  return jax.lax.optimization_barrier(x.reshape(-1)).reshape(x.shape)
+
+
+def _fast(a: Array, b: Array, transpose_b: bool, out_dtype: Any) -> Array:
+  return _raw(_row_major(a), _row_major(b), transpose_b, out_dtype)
+
+
 def _transposed_copy(x: Array) -> Array:
   """[..., M, K] -> [..., K, M], stored row-major (a real copy XLA cannot fold into the next product)."""
   *lead, m, k = x.shape
@@ -50,21 +60,21 @@ def _transposed_copy(x: Array) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _cpu_matmul(a: Array, b: Array, transpose_b: bool, out_dtype: Any) -> Array:
-  return _raw(a, b, transpose_b, out_dtype)
+  return _fast(a, b, transpose_b, out_dtype)
 
 
 def _cpu_matmul_fwd(a, b, transpose_b, out_dtype):
-  return _raw(a, b, transpose_b, out_dtype), (a, b)
+  return _fast(a, b, transpose_b, out_dtype), (a, b)
 
 
 def _cpu_matmul_bwd(transpose_b, out_dtype, res, g):
   a, b = res
   g = g.astype(a.dtype)  # [..., M, N]
   if transpose_b:  # y = a b^T with b [..., N, K]
-    da = _raw(g, b, False, a.dtype)  # [..., M, N] x [..., N, K]
+    da = _fast(g, b, False, a.dtype)  # [..., M, N] x [..., N, K]
     db = _contract_rows(g, a, b.dtype)  # g^T a: [..., N, K]
   else:  # y = a b with b [..., K, N]
-    da = _raw(g, b, True, a.dtype)  # [..., M, N] x [..., K, N]^T
+    da = _fast(g, b, True, a.dtype)  # [..., M, N] x [..., K, N]^T
     db = _contract_rows(a, g, b.dtype)  # a^T g: [..., K, N]
   return da, db
 
@@ -80,8 +90,8 @@ def _contract_rows(x: Array, y: Array, out_dtype: Any) -> Array:
   *_, m, p = x.shape
   q = y.shape[-1]
   if p * m <= q * m + p * q:
-    return _raw(_transposed_copy(x), y, False, out_dtype)  # [..., P, M] x [..., M, Q]
-  return jnp.swapaxes(_raw(_transposed_copy(y), x, False, out_dtype), -1, -2)  # ([..., Q, M] x [..., M, P])^T
+    return _fast(_transposed_copy(x), y, False, out_dtype)  # [..., P, M] x [..., M, Q]
+  return jnp.swapaxes(_fast(_transposed_copy(y), x, False, out_dtype), -1, -2)  # ([..., Q, M] x [..., M, P])^T
 
 
 _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
