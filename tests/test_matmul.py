@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from stmoe.layers.attention import add_shared_bias, dot_product_attention
+from stmoe.layers.attention import _attention, dot_product_attention
 from stmoe.layers.matmul import linear, matmul
 
 BF16_EPS = 2.0 ** -8
@@ -140,13 +140,29 @@ def test_attention_core_matches_numpy_with_gradients():
     np.testing.assert_allclose(np.asarray(g), num, rtol=1e-3, atol=1e-4)
 
 
-def test_add_shared_bias_gradient_sums_over_batch():
+def test_bf16_attention_with_dropout_matches_numpy_gradients():
+  """bf16 attention (custom VJP) incl. a dropout multiplier: values and all gradients vs float64 NumPy."""
   rng = np.random.default_rng(5)
-  logits = jnp.asarray(rng.normal(size=(4, 2, 3, 3)), jnp.float32)
-  bias = jnp.asarray(rng.normal(size=(1, 2, 3, 3)), jnp.float32)
-  g = jnp.asarray(rng.normal(size=(4, 2, 3, 3)), jnp.float32)
-  y, vjp = jax.vjp(add_shared_bias, logits, bias)
-  np.testing.assert_array_equal(np.asarray(y), np.asarray(logits + bias))
-  dl, db = vjp(g)
-  np.testing.assert_array_equal(np.asarray(dl), np.asarray(g))
-  np.testing.assert_allclose(np.asarray(db), _np(g).sum(0, keepdims=True), rtol=1e-6, atol=1e-6)
+  b, h, lq, lk, d = 4, 2, 8, 16, 8
+  q, k, v = (_bf16(rng, s) for s in ((b, h, lq, d), (b, h, lk, d), (b, h, lk, d)))
+  bias = jnp.asarray(rng.normal(size=(1, h, lq, lk)), jnp.float32)
+  mask = jnp.asarray(rng.random((b, 1, lq, lk)) > 0.2).at[..., 0].set(True)
+  keep = jnp.asarray((rng.random((b, h, lq, lk)) > 0.25) / 0.75, jnp.bfloat16)
+  g = _bf16(rng, (b, h, lq, d))
+  out, vjp = jax.vjp(lambda q, k, v, bias: _attention(q, k, v, bias, mask, keep), q, k, v, bias)
+  dq, dk, dv, dbias = vjp(g)
+
+  qn, kn, vn, bn, gn, kp = map(_np, (q, k, v, bias, g, keep))
+  logits = np.where(np.asarray(mask), np.einsum("bhqd,bhkd->bhqk", qn, kn) + bn, -1e30)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  ref_out = np.einsum("bhqk,bhkd->bhqd", p * kp, vn)
+  dpk = np.einsum("bhqd,bhkd->bhqk", gn, vn)  # d(p * keep)
+  dp = dpk * kp
+  ds = p * (dp - np.sum(dp * p, -1, keepdims=True))
+  want = {"out": ref_out, "dq": np.einsum("bhqk,bhkd->bhqd", ds, kn), "dk": np.einsum("bhqk,bhqd->bhkd", ds, qn),
+          "dv": np.einsum("bhqk,bhqd->bhkd", p * kp, gn), "dbias": ds.sum(0, keepdims=True)}
+  got = {"out": out, "dq": dq, "dk": dk, "dv": dv, "dbias": dbias}
+  assert dbias.dtype == jnp.float32 and dq.dtype == jnp.bfloat16
+  for name, w in want.items():  # bf16 operands and probabilities: a few bf16 ulps of the largest entry
+    np.testing.assert_allclose(_np(got[name]), w, rtol=0, atol=4 * BF16_EPS * np.abs(w).max(), err_msg=name)

@@ -140,11 +140,23 @@ def test_loss_fn_matches_numpy(encdec):
                    + cfg.moe.router_z_loss_coef * float(metrics["experts/router_z_loss"]))
     np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
     np.testing.assert_allclose(float(metrics["z_loss"]), (cfg.z_loss * log_z ** 2 * w).sum() / w.sum(), rtol=1e-4)
+    correct = logits.argmax(-1) == batch["decoder_target_tokens"]
+    np.testing.assert_allclose(float(metrics["accuracy"]), (correct * w).sum() / w.sum(), rtol=1e-6)
   # score_batch: summed weighted target log-likelihood
   expected_scores = (np.take_along_axis(log_p, batch["decoder_target_tokens"][..., None], -1)[..., 0] * w).sum(-1)
   np.testing.assert_allclose(np.asarray(model.score_batch(params, jbatch)), expected_scores, rtol=1e-5)
   grads = jax.grad(lambda p: model.loss_fn(p, jbatch, jax.random.PRNGKey(0))[0])(params)
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_first_argmax_matches_argmax_including_ties():
+  from stmoe.models.losses import first_argmax
+  rng = np.random.RandomState(7)
+  x = rng.randint(0, 4, size=(5, 6, 9)).astype(np.float32)  # many ties: the first index must win
+  np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(x))), x.argmax(-1))
+  y = rng.randn(3, 1000).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(y, jnp.bfloat16))),
+                                np.asarray(jnp.argmax(jnp.asarray(y, jnp.bfloat16), -1)))
 
 
 def test_loss_normalizing_factor_constant():

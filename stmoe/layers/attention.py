@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from stmoe.layers.common import dense
-from stmoe.layers.matmul import matmul
+from stmoe.layers.matmul import product, product_contract_rows
 
 Array = jax.Array
 
@@ -39,30 +39,69 @@ def segment_mask(query_segments: Array, key_segments: Array) -> Array:
   return (query_segments[:, None, :, None] == key_segments[:, None, None, :])
 
 
-@jax.custom_vjp
-def add_shared_bias(logits: Array, bias: Array) -> Array:
-  """logits [batch, heads, q, k] + bias [1, heads, q, k] (same dtype), the bias broadcast over the batch.
+def _sum_over_batch(x: Array) -> Array:
+  """[batch, ...] -> [1, ...] summed in float32 as a matrix-vector product.
 
-  Same values as `logits + bias`; the custom gradient sums the bias cotangent over the batch with a
-  matrix-vector product, because XLA:CPU's reduction over a major dim of a 4-D array runs ~50x slower
-  than memory bandwidth allows (the shared relative-position bias gradient dominated the step).
+  XLA:CPU's reduction over the major dim of a 4-D array runs ~50x below memory bandwidth; the shared
+  relative-position bias gradient (a [batch, heads, q, k] sum per layer) dominated the step that way.
   """
-  return logits + bias
+  flat = x.reshape(x.shape[0], -1)  # [batch, rest]
+  ones = jnp.ones((1, x.shape[0]), flat.dtype)
+  out = jax.lax.dot_general(ones, flat, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  return out.reshape((1,) + x.shape[1:])
 
 
-def _add_shared_bias_fwd(logits, bias):
-  return logits + bias, None
+def _reduce_to(x: Array, shape: tuple[int, ...]) -> Array:
+  """Sum x over the dims that `shape` broadcasts (size 1), e.g. a bias cotangent back to the bias shape."""
+  if x.shape[0] > 1 and shape[0] == 1:
+    x = _sum_over_batch(x)
+  dims = tuple(i for i in range(1, x.ndim) if shape[i] == 1 and x.shape[i] > 1)
+  return jnp.sum(x, axis=dims, keepdims=True, dtype=jnp.float32) if dims else x.astype(jnp.float32)
 
 
-def _add_shared_bias_bwd(_, g):
-  batch = g.shape[0]
-  flat = g.reshape(batch, -1)  # [batch, heads * q * k]
-  ones = jnp.ones((1, batch), flat.dtype)
-  dbias = jax.lax.dot_general(ones, flat, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-  return g, dbias.reshape((1,) + g.shape[1:]).astype(g.dtype)
+def _probabilities(query, key, bias, mask):
+  """softmax(q k^T + bias, masked) in float32, returned in the value dtype. [batch, heads, q, k]"""
+  logits = product(query, key, transpose_b=True, out_dtype=jnp.float32)  # [batch, heads, q, k]
+  if bias is not None:
+    logits = logits + bias
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  logits = logits - jnp.max(logits, axis=-1, keepdims=True)
+  e = jnp.exp(logits)
+  return e / jnp.sum(e, axis=-1, keepdims=True)
 
 
-add_shared_bias.defvjp(_add_shared_bias_fwd, _add_shared_bias_bwd)
+@jax.custom_vjp
+def _attention(query, key, value, bias, mask, keep):
+  p = _probabilities(query, key, bias, mask).astype(value.dtype)
+  return product(p if keep is None else p * keep, value)
+
+
+def _attention_fwd(query, key, value, bias, mask, keep):
+  p = _probabilities(query, key, bias, mask).astype(value.dtype)  # [batch, heads, q, k]
+  out = product(p if keep is None else p * keep, value)  # [batch, heads, q, kv]
+  return out, (query, key, value, bias, mask, keep, p)
+
+
+def _attention_bwd(res, d_out):
+  query, key, value, bias, mask, keep, p = res
+  dtype = value.dtype
+  d_out = d_out.astype(dtype)  # [batch, heads, q, kv]
+  pk = p if keep is None else p * keep
+  d_value = product_contract_rows(pk, d_out, dtype)  # (p keep)^T d_out: [batch, heads, k, kv]
+  dp = product(d_out, value, transpose_b=True, out_dtype=jnp.float32)  # [batch, heads, q, k]
+  if keep is not None:
+    dp = dp * keep
+  pf = p.astype(jnp.float32)
+  ds = pf * (dp - jnp.sum(dp * pf, axis=-1, keepdims=True))  # softmax backward, float32
+  ds_c = ds.astype(dtype)
+  d_query = product(ds_c, key)  # [batch, heads, q, kv]
+  d_key = product_contract_rows(ds_c, query, dtype)  # ds^T q: [batch, heads, k, kv]
+  d_bias = None if bias is None else _reduce_to(ds_c, bias.shape).astype(bias.dtype)
+  return d_query, d_key, d_value, d_bias, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | None, mask: Array | None,
@@ -71,19 +110,18 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | 
 
   query [batch, heads, q, kv], key/value [batch, heads, k, kv], bias [1|batch, heads, q, k] (added in
   float32), mask [batch|1, 1, q, k] (True = may attend) -> [batch, heads, q, kv]. The heads-major layout
-  makes (batch, heads) leading batch dims of both products, the layout XLA's CPU matmul kernels take
-  without copies; the softmax runs in float32.
+  makes (batch, heads) leading batch dims of both products. The softmax runs in float32; the custom VJP
+  keeps only the probabilities in the activation dtype for the backward pass (not float32 logits and
+  probabilities, as autodiff would), which matters because every pass over [batch, heads, q, k] is
+  memory-bound on CPU.
   """
-  logits = matmul(query, key, transpose_b=True, out_dtype=jnp.float32)  # [batch, heads, q, k]
+  keep = None
+  if dropout is not None and dropout.rate > 0 and not deterministic:
+    # The dropout multiplier (0 or 1/(1-rate)) applied to the probabilities, drawn by the flax module.
+    keep = dropout(jnp.ones(query.shape[:3] + key.shape[2:3], value.dtype), deterministic=False)
   if bias is not None:
     bias = bias.astype(jnp.float32)
-    logits = add_shared_bias(logits, bias) if bias.shape[0] == 1 and logits.shape[0] > 1 else logits + bias
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # [batch, heads, q, k]
-  if dropout is not None:
-    weights = dropout(weights, deterministic=deterministic)
-  return matmul(weights, value)  # [batch, heads, q, kv]
+  return _attention(query, key, value, bias, mask, keep)
 
 
 class MultiHeadAttention(nn.Module):

@@ -51,6 +51,25 @@ def _fast(a: Array, b: Array, transpose_b: bool, out_dtype: Any) -> Array:
   return _raw(_row_major(a), _row_major(b), transpose_b, out_dtype)
 
 
+def product(a: Array, b: Array, *, transpose_b: bool = False, out_dtype: Any = None) -> Array:
+  """The forward product of :func:`matmul` without its custom gradient, for code that writes its own VJP
+  (e.g. the dropless grouped matmul): float32 accumulation, CPU-fast operand layout for low precision."""
+  out_dtype = a.dtype if out_dtype is None else out_dtype
+  if a.dtype == jnp.float32 or jax.default_backend() != "cpu":
+    return _raw(a, b, transpose_b, out_dtype)
+  return _fast(a, b, transpose_b, out_dtype)
+
+
+def product_contract_rows(x: Array, y: Array, out_dtype: Any = None) -> Array:
+  """x [..., M, P]^T @ y [..., M, Q] -> [..., P, Q] (a weight gradient), with float32 accumulation."""
+  out_dtype = x.dtype if out_dtype is None else out_dtype
+  if x.dtype == jnp.float32 or jax.default_backend() != "cpu":
+    batch = tuple(range(x.ndim - 2))
+    return jax.lax.dot_general(x, y, (((x.ndim - 2,), (y.ndim - 2,)), (batch, batch)),
+                               preferred_element_type=jnp.float32).astype(out_dtype)
+  return _contract_rows(x, y, out_dtype)
+
+
 def _transposed_copy(x: Array) -> Array:
   """[..., M, K] -> [..., K, M], stored row-major (a real copy XLA cannot fold into the next product)."""
   *lead, m, k = x.shape
@@ -91,7 +110,7 @@ def _contract_rows(x: Array, y: Array, out_dtype: Any) -> Array:
   q = y.shape[-1]
   if p * m <= q * m + p * q:
     return _fast(_transposed_copy(x), y, False, out_dtype)  # [..., P, M] x [..., M, Q]
-  return jnp.swapaxes(_fast(_transposed_copy(y), x, False, out_dtype), -1, -2)  # ([..., Q, M] x [..., M, P])^T
+  return _transposed_copy(_fast(_transposed_copy(y), x, False, out_dtype))  # ([..., Q, M] x [..., M, P])^T
 
 
 _cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)

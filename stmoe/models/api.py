@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from stmoe import decoding
 from stmoe.config import ModelConfig
-from stmoe.models.losses import cross_entropy_with_z_loss, moe_losses_and_metrics
+from stmoe.models.losses import cross_entropy_with_z_loss, first_argmax, moe_losses_and_metrics
 from stmoe.models.networks import DecoderOnly, EncoderDecoder
 
 Array = jax.Array
@@ -83,7 +83,7 @@ class BaseModel:
       normalizer = cfg.loss_normalizing_factor if cfg.loss_normalizing_factor else jnp.maximum(num_tokens, 1e-8)
     loss = jnp.sum(token_loss * weights) / normalizer
     z_loss = jnp.sum(z_term * weights) / normalizer
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = (first_argmax(logits) == targets).astype(jnp.float32)
     metrics = {
         "cross_entropy": loss - z_loss,
         "z_loss": z_loss,

@@ -30,9 +30,23 @@ def cross_entropy_with_z_loss(logits: Array, targets: Array, *, label_smoothing:
     entropy = -(confidence * math.log(confidence) + (vocab - 1) * low * math.log(low + 1e-20))
     ce = -jnp.sum(soft * log_probs, axis=-1) - entropy
   else:
-    ce = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    # A masked sum, not take_along_axis: its gradient is then a select fused into the softmax gradient,
+    # not a scatter into a zeroed [batch, length, vocab] array (12 ms/step in the CPU benchmark).
+    is_target = jax.lax.broadcasted_iota(jnp.int32, log_probs.shape, log_probs.ndim - 1) == targets[..., None]
+    ce = -jnp.sum(jnp.where(is_target, log_probs, 0.0), axis=-1)
   z_term = z_loss * jnp.square(log_z)
   return ce + z_term, z_term
+
+
+def first_argmax(logits: Array) -> Array:
+  """jnp.argmax over the last axis (first index of the maximum) as two plain reductions.
+
+  XLA:CPU lowers argmax to a variadic (value, index) reduction that took 18 ms per step on the
+  benchmark's [16, 64, 8000] logits; a max and a masked min of the iota cost a fraction of that.
+  """
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  return jnp.min(jnp.where(logits == top, iota, logits.shape[-1]), axis=-1)
 
 
 def moe_losses_and_metrics(auxes: Mapping[str, Mapping[str, Any]], *, aux_loss_coef: float,

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from stmoe.layers.matmul import matmul
+from stmoe.layers.matmul import matmul, product, product_contract_rows
 from stmoe.moe.routing import RouterOutput
 
 ExpertsFn = Callable[[jax.Array, Callable[[jax.Array, jax.Array], jax.Array]], jax.Array]
@@ -177,7 +177,7 @@ def _bgmm_fwd_impl(x, w, block_start, block_end):
     def body(carry):
       b, out = carry
       xb = jax.lax.dynamic_index_in_dim(x, b, keepdims=False)  # [block, in]
-      return b + 1, jax.lax.dynamic_update_index_in_dim(out, (xb @ we).astype(out_dtype), b, 0)
+      return b + 1, jax.lax.dynamic_update_index_in_dim(out, product(xb, we, out_dtype=out_dtype), b, 0)
 
     _, out = jax.lax.while_loop(lambda c: c[0] < block_end[e], body, (block_start[e], out))
     return out
@@ -192,19 +192,20 @@ def _bgmm_fwd(x, w, block_start, block_end):
 
 def _bgmm_bwd(res, dy):
   x, w, block_start, block_end = res
+  dy = dy.astype(x.dtype)
   acc = jnp.promote_types(w.dtype, jnp.float32)
   dx_dtype = jnp.result_type(dy, w)
 
   def per_expert(e, carry):
     dx, dw = carry
-    we_t = jax.lax.dynamic_index_in_dim(w, e, keepdims=False).T  # [out, in]
+    we = jax.lax.dynamic_index_in_dim(w, e, keepdims=False)  # [in, out]
 
     def body(c):
       b, dx, dwe = c
       xb = jax.lax.dynamic_index_in_dim(x, b, keepdims=False)  # [block, in]
       dyb = jax.lax.dynamic_index_in_dim(dy, b, keepdims=False)  # [block, out]
-      dx = jax.lax.dynamic_update_index_in_dim(dx, (dyb @ we_t).astype(dx_dtype), b, 0)
-      return b + 1, dx, dwe + xb.T.astype(acc) @ dyb.astype(acc)
+      dx = jax.lax.dynamic_update_index_in_dim(dx, product(dyb, we, transpose_b=True, out_dtype=dx_dtype), b, 0)
+      return b + 1, dx, dwe + product_contract_rows(xb, dyb, acc)
 
     _, dx, dwe = jax.lax.while_loop(lambda c: c[0] < block_end[e], body,
                                     (block_start[e], dx, jnp.zeros(w.shape[1:], acc)))
