@@ -15,7 +15,7 @@ Activation = str  # "relu" | "gelu" | "linear" | "silu" | "gelu_exact"
 _ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "swish", "linear")
 
 RouterType = Literal["tokens_choose", "expert_choice", "noisy_top_k"]
-Dispatch = Literal["einsum", "sort", "dropless"]
+Dispatch = Literal["einsum", "sort", "grouped", "dropless"]
 CapacityConvention = Literal["stmoe", "gshard", "absolute"]
 Renormalize = Literal["none", "before_drop", "after_drop"]
 SecondExpertPolicy = Literal["all", "sampling", "random"]
@@ -99,8 +99,10 @@ class MoeConfig:
   capacity_convention: CapacityConvention = "stmoe"  # stmoe: round(cf*G/E); gshard: 2*ceil(G/E)
   expert_capacity: int | None = None  # absolute slots per expert per group ("absolute" convention)
   min_expert_capacity: int = 4
+  # einsum | sort | grouped (capacity drops as einsum/sort; the experts run only on the kept rows through the
+  # grouped matmul below) | dropless (no capacity). See docs/routing.md.
   dispatch: Dispatch = "sort"
-  # Dropless grouped matmul: "ragged" (jax.lax.ragged_dot, fast on GPU/TPU), "blocked" (each expert's rows
+  # Grouped matmul of grouped/dropless: "ragged" (jax.lax.ragged_dot, fast on GPU/TPU), "blocked" (each expert's rows
   # padded to blocks of dropless_block_size, fast on CPU) or "auto" (blocked on CPU, ragged elsewhere).
   dropless_impl: Literal["auto", "ragged", "blocked"] = "auto"
   dropless_block_size: int = 128
@@ -126,7 +128,7 @@ class MoeConfig:
 
   def __post_init__(self):
     _check_choice("MoeConfig.router_type", self.router_type, ("tokens_choose", "expert_choice", "noisy_top_k"))
-    _check_choice("MoeConfig.dispatch", self.dispatch, ("einsum", "sort", "dropless"))
+    _check_choice("MoeConfig.dispatch", self.dispatch, ("einsum", "sort", "grouped", "dropless"))
     _check_choice("MoeConfig.dropless_impl", self.dropless_impl, ("auto", "ragged", "blocked"))
     _check_choice("MoeConfig.capacity_convention", self.capacity_convention, ("stmoe", "gshard", "absolute"))
     _check_choice("MoeConfig.renormalize", self.renormalize, ("none", "before_drop", "after_drop"))

@@ -85,6 +85,14 @@ def mode_meshes(out_path: str) -> None:
     report["specs"][name] = {"wi": str(wi.sharding.spec), "query": str(q.sharding.spec),
                              "wi_shard_shape": list(wi.addressable_shards[0].data.shape)}
     finals[name] = (mesh, _flat_params(result.state["params"]))
+  # bfloat16 activations (the custom-VJP products of stmoe.layers.matmul) under SPMD: 1 device vs (2, 2, 2).
+  report["losses_bf16"] = {}
+  for name in ("1", "data2_expert2_model2"):
+    devices, e, m = meshes[name]
+    mesh = partitioning.make_mesh(e, m, devices=devices)
+    result = run_train(os.path.join(work, name + "_bf16"), steps=4, mesh=mesh, optimizer=opt,
+                       model=tiny_model(dtype="bfloat16"))
+    report["losses_bf16"][name] = [result.losses[s] for s in sorted(result.losses)]
   # Restore the (data=2, expert=4) checkpoint onto the (data=2, expert=2, model=2) mesh and onto 1 device.
   model = tiny_model()
   shapes = trainer.input_shapes_for("encoder_decoder", 8, FEATURE_LENGTHS)

@@ -69,7 +69,7 @@ def test_dispatch_paths_agree_when_nothing_drops(activations):
   mask = np.ones((2, 8), np.float32)
   mask[1, 5:] = 0
   outs, grads = {}, {}
-  for name in ("einsum", "sort", "dropless", "ragged"):
+  for name in ("einsum", "sort", "grouped", "dropless", "ragged"):
     disp = "dropless" if name == "ragged" else name
     cfg = _cfg(dispatch=disp, activations=activations, train_capacity_factor=4.0, eval_capacity_factor=4.0,
                dropless_impl="ragged" if name == "ragged" else "blocked", dropless_block_size=4)
@@ -79,14 +79,14 @@ def test_dispatch_paths_agree_when_nothing_drops(activations):
     outs[name] = np.asarray(y)
     loss = lambda p, inp: jnp.sum(layer.apply(p, inp, mask, deterministic=True)[0] ** 2)
     grads[name] = jax.grad(loss, argnums=(0, 1))(params, x)
-  for name in ("sort", "dropless", "ragged"):
+  for name in ("sort", "grouped", "dropless", "ragged"):
     np.testing.assert_allclose(outs[name], outs["einsum"], atol=1e-6, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads[name], grads["einsum"])
   np.testing.assert_array_equal(outs["sort"][1, 5:], 0.0)  # padding outputs exactly zero
 
 
 @pytest.mark.parametrize("renormalize", ["none", "after_drop"])
-@pytest.mark.parametrize("dispatch", ["einsum", "sort"])
+@pytest.mark.parametrize("dispatch", ["einsum", "sort", "grouped"])
 def test_layer_matches_per_token_loop_reference_with_drops(dispatch, renormalize):
   cfg = _cfg(dispatch=dispatch, renormalize=renormalize, activations=("gelu", "linear"), train_capacity_factor=0.5)
   x = _x(seed=3)
@@ -109,16 +109,17 @@ def test_layer_matches_per_token_loop_reference_with_drops(dispatch, renormalize
   np.testing.assert_allclose(np.asarray(aux.expert_fractions), fr, rtol=1e-6)
 
 
-def test_einsum_and_sort_agree_with_drops_and_bpr():
+def test_einsum_sort_grouped_agree_with_drops_and_bpr():
   x = _x(b=4, l=8, seed=5)
   outs = []
-  for dispatch in ("einsum", "sort"):
+  for dispatch in ("einsum", "sort", "grouped"):
     cfg = _cfg(dispatch=dispatch, batch_prioritized_routing=True, num_selected_experts=1, train_capacity_factor=1.0)
     layer, params = _init(cfg, x)
     y, aux, route = _run(layer, params, x, deterministic=False)
     assert 0 < float(aux.fraction_tokens_left_behind) < 1
     outs.append(np.asarray(y))
   np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
+  np.testing.assert_allclose(outs[2], outs[1], atol=1e-6)
   want, _, _ = _reference(cfg, x, None, params, route, route.capacity)
   np.testing.assert_allclose(outs[1], want, atol=1e-5)
 
@@ -177,7 +178,7 @@ def test_jitter_changes_only_router_logits():
   np.testing.assert_array_equal(np.asarray(y_det), np.asarray(y_train))
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "sort", "dropless"])
+@pytest.mark.parametrize("dispatch", ["einsum", "sort", "grouped", "dropless"])
 def test_bfloat16_activations_float32_router(dispatch):
   cfg = _cfg(dispatch=dispatch, train_capacity_factor=4.0, eval_capacity_factor=4.0)
   x32 = _x(seed=4)
@@ -189,7 +190,7 @@ def test_bfloat16_activations_float32_router(dispatch):
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y32), atol=0.05, rtol=0.05)
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "sort", "dropless"])
+@pytest.mark.parametrize("dispatch", ["einsum", "sort", "grouped", "dropless"])
 def test_router_gets_gradient_from_output_alone(dispatch):
   cfg = _cfg(dispatch=dispatch, aux_loss_coef=0.0, router_z_loss_coef=0.0)
   x = _x(seed=6)
@@ -251,7 +252,7 @@ rules = (("batch", ("data", "expert")), ("expert", "expert"), ("expert_group", "
          ("embed", None), ("unmodeled", None), ("capacity", None), ("length", None))
 mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "expert"))
 x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 8))
-for dispatch in ("einsum", "sort", "dropless"):
+for dispatch in ("einsum", "sort", "grouped", "dropless"):
   cfg = MoeConfig(num_experts=4, d_ff=16, group_size=16, dispatch=dispatch, train_capacity_factor=1.0)
   layer = MoeLayer(cfg)
   boxed = layer.init({"params": jax.random.PRNGKey(1)}, x, deterministic=True)
@@ -280,7 +281,7 @@ def test_sharded_over_data_and_expert_mesh_matches_unsharded(tmp_path):
   res = subprocess.run([sys.executable, "-P", str(script)], capture_output=True, text=True, env=env,
                        cwd=str(tmp_path), timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
-  assert res.stdout.count("OK") == 3
+  assert res.stdout.count("OK") == 4
 
 
 def test_block_grouped_matmul_with_empty_experts_and_slack():

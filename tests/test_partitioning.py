@@ -87,6 +87,12 @@ def test_eight_device_meshes_match_one_device_and_really_shard(tmp_path):
   for name in ("data8", "data2_expert4", "data2_expert2_model2"):
     for a, b in zip(report["losses"][name], base):
       assert abs(a - b) <= 1e-5 * abs(b), (name, report["losses"][name], base)
+  # bf16 activations train the same on (2, 2, 2) as on 1 device up to bf16 rounding (partial sums accumulate
+  # in a different order, and Adafactor at lr 0.05 amplifies a flipped rounding: ~0.4% by step 4), and stay
+  # within 2% of the float32 run. Gradient values themselves are checked exactly in test_matmul.py.
+  bf16, bf16_mesh = report["losses_bf16"]["1"], report["losses_bf16"]["data2_expert2_model2"]
+  for a, b, f in zip(bf16_mesh, bf16, base):
+    assert abs(a - b) <= 1e-2 * abs(b) and abs(b - f) <= 2e-2 * abs(f), (bf16_mesh, bf16, base)
   # Expert parameters are split over `expert` (and d_ff over `model`): the local shard is smaller.
   assert report["specs"]["data2_expert4"]["wi"] == "P('expert', None, 'model')"
   assert report["specs"]["data2_expert4"]["wi_shard_shape"] == [1, 32, 32]  # 4 experts / 4

@@ -1,6 +1,6 @@
-"""Dispatch tokens to expert buffers, run the experts, combine the outputs back (einsum | sort | dropless).
+"""Dispatch tokens to expert buffers, run the experts, combine the outputs back.
 
-All three take the router's token-major decision (:class:`stmoe.moe.routing.RouterOutput`) and
+All paths (einsum | sort | grouped | dropless) take the router's token-major decision (:class:`stmoe.moe.routing.RouterOutput`) and
 give identical results when nothing is dropped:
 
 * :func:`dispatch_einsum`: one-hot dispatch/combine tensors ``[groups, tokens, experts, capacity]``
@@ -14,6 +14,10 @@ give identical results when nothing is dropped:
   array; a grouped matmul runs each expert on its rows: ``jax.lax.ragged_dot`` ("ragged", GPU/TPU)
   or, on CPU where ragged_dot is slow, each expert's segment padded to a multiple of ``block_size``
   rows and a loop over blocks of one expert each ("blocked", MegaBlocks-style; still exact).
+  With a capacity-limited route (``MoeConfig.dispatch="grouped"``) the same function computes exactly
+  what einsum/sort compute, drops included, but only for the kept rows: no FLOPs on empty capacity
+  slots (half of sort's expert FLOPs at capacity factor 2). It has no expert-major buffer to shard, so
+  it suits one device or pure data parallelism; use sort for expert parallelism.
 
 Dropped (token, choice) pairs and padding tokens contribute exactly zero.
 """
@@ -227,10 +231,11 @@ def default_dropless_impl() -> str:
 
 def dispatch_dropless(x: jax.Array, route: RouterOutput, experts: ExpertsFn, num_experts: int,
                       impl: str | None = None, block_size: int = 128) -> jax.Array:
-  """No capacity: expert-sorted rows and a grouped matmul (see module docstring).
+  """Expert-sorted rows of the kept choices and a grouped matmul (see module docstring).
 
-  ``route`` must come from a router run with capacity = group size (no drops), so ``position`` is
-  the rank of each kept choice among its expert's choices in its group.
+  ``position`` must be the rank of each kept choice among its expert's kept choices in its group, which
+  the router guarantees with any capacity: capacity = group size gives dropless, a smaller one the
+  capacity drops of einsum/sort (dispatch="grouped").
   """
   impl = impl or default_dropless_impl()
   if impl not in ("ragged", "blocked"):
@@ -272,7 +277,7 @@ def dispatch_dropless(x: jax.Array, route: RouterOutput, experts: ExpertsFn, num
   return _combine(out_tok, route.combine_weights)
 
 
-DISPATCHERS: dict[str, Callable[..., jax.Array]] = {
+DISPATCHERS: dict[str, Callable[..., jax.Array]] = {  # dropless/grouped: MoeLayer calls dispatch_dropless
     "einsum": dispatch_einsum,
     "sort": dispatch_sort,
     "dropless": dispatch_dropless,

@@ -117,9 +117,9 @@ class MoeLayer(nn.Module):
     if self.causal and cfg.router_type == "expert_choice":
       raise ValueError("Expert-choice routing is encoder-only: each expert ranks all tokens of a group, which "
                        "leaks future tokens in a decoder (causal=True). Use router_type='tokens_choose'.")
-    if cfg.dispatch == "dropless" and cfg.router_type == "expert_choice":
+    if cfg.dispatch in ("dropless", "grouped") and cfg.router_type == "expert_choice":
       raise ValueError("Expert-choice routing has a fixed per-expert capacity by construction; use "
-                       "dispatch='sort' or 'einsum' with it, not 'dropless'.")
+                       f"dispatch='sort' or 'einsum' with it, not {cfg.dispatch!r}.")
     b, l, d = x.shape
     tokens, mask, n = group_tokens(x, padding_mask, cfg.group_size)  # [g, G, d], [g, G]
     tokens = nn.with_logical_constraint(tokens.astype(self.dtype), ("batch", None, "embed"))
@@ -137,7 +137,7 @@ class MoeLayer(nn.Module):
     def run_experts(inputs, matmul):
       return experts(inputs, matmul, deterministic=deterministic)
 
-    if cfg.dispatch == "dropless":
+    if cfg.dispatch in ("dropless", "grouped"):  # grouped: the capacity-limited route, kept rows only
       impl = None if cfg.dropless_impl == "auto" else cfg.dropless_impl
       y = dispatch_lib.dispatch_dropless(tokens, route, run_experts, cfg.num_experts, impl=impl,
                                          block_size=cfg.dropless_block_size)  # [g, G, d]
