@@ -79,12 +79,11 @@ def _median_times(fn, warmup: int, iters: int) -> tuple[float, float]:
   return statistics.median(wall), statistics.median(cpu)
 
 
-def peak_gflops(dtype: str = "float32", iters: int = 10) -> tuple[float, float]:
-  """(wall GFLOP/s, GFLOP per process-CPU-second) of a jitted 2048^3 matmul in `dtype` (f32 accumulation)."""
+def peak_gflops(dtype: str = "float32", iters: int = 10, n: int = 2048) -> tuple[float, float]:
+  """(wall GFLOP/s, GFLOP per process-CPU-second) of a jitted n^3 matmul in `dtype` (f32 accumulation)."""
   import jax
   import jax.numpy as jnp
 
-  n = 2048
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
   f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
@@ -191,7 +190,8 @@ def main(argv: list[str]) -> int:
   tokens = c["batch"] * (c["inputs_length"] + c["targets_length"])
   flops = model_flops(c)
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-  peaks = {d: peak_gflops(d) for d in sorted(set(dtypes) | {"float32"})}
+  peak_args = {"n": 512, "iters": 3} if args.tiny else {}  # --tiny: a smoke run, not a measurement
+  peaks = {d: peak_gflops(d, **peak_args) for d in sorted(set(dtypes) | {"float32"})}
   runs = {}
   for d in dtypes:
     r = ours(c, args.warmup, args.iters, args.dispatch, d)
@@ -201,7 +201,7 @@ def main(argv: list[str]) -> int:
           flush=True)
   peer_r = None if args.no_peer else peer(c, args.warmup, args.iters)
   for d in peaks:  # the peak again after the runs: the larger one is the machine's, less any load
-    again = peak_gflops(d)
+    again = peak_gflops(d, **peak_args)
     peaks[d] = (max(peaks[d][0], again[0]), max(peaks[d][1], again[1]))
   mfu = lambda step_s, d: flops["train_flops"] / step_s / (peaks[d][0] * 1e9)
   head = dtypes[0]
