@@ -9,9 +9,11 @@ Every heavy product of the model (projections, attention, experts, logits) goes 
   AVX512-BF16, but only when the left operand contracts its minor (last) dim; otherwise it silently
   upcasts both operands to float32 and the product runs at the float32 rate or below. Reverse-mode AD
   of ``x @ w`` produces ``x^T @ dy``, which contracts the left operand's major dim, so a third of
-  every training step's FLOPs would fall off the fast path. The custom VJP below writes each backward
-  product in the accepted form, materialising the one transpose it needs (a copy of the smaller
-  activation, behind an optimisation barrier so that XLA does not fold it back into the product).
+  every training step's FLOPs would fall off the fast path; the same happens to any operand that is a
+  transposed view (e.g. heads-major attention inputs), because the check looks at the physical layout.
+  The custom VJP below writes each backward product in the accepted form, materialising the one
+  transpose it needs (a copy of whichever operand is cheaper), and passes every operand row-major,
+  behind an optimisation barrier so that XLA does not fold the copies back into the product.
   On GPU/TPU the backends handle any layout, so the plain form is used there.
 
 Operands are ``a [..., M, K]`` and ``b [..., K, N]`` (or ``b [..., N, K]`` with ``transpose_b``) with
