@@ -73,8 +73,7 @@ def _probabilities(query, key, bias, mask):
 
 @jax.custom_vjp
 def _attention(query, key, value, bias, mask, keep):
-  p = _probabilities(query, key, bias, mask).astype(value.dtype)
-  return product(p if keep is None else p * keep, value)
+  return _attention_fwd(query, key, value, bias, mask, keep)[0]
 
 
 def _attention_fwd(query, key, value, bias, mask, keep):
