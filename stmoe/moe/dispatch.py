@@ -24,7 +24,6 @@ Dropped (token, choice) pairs and padding tokens contribute exactly zero.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import flax.linen as nn
