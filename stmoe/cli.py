@@ -1,13 +1,18 @@
 """The `stmoe` command: a thin dispatcher to one module per subcommand.
 
 Each subcommand lives in its own module as `main(argv: list[str]) -> int` and is imported only when
-used, so `stmoe info` never imports TensorFlow and `stmoe --help` is instant.
+used, so `stmoe info` never imports TensorFlow and `stmoe --help` is instant. Every command accepts
+`--debug`: errors the user can fix (stmoe.errors.UserError) print one line and exit 2 without a traceback;
+with --debug they raise.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
+
+from stmoe.errors import run_command
 
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   name, rest = argv[0], argv[1:]
   if name not in COMMANDS:
-    print(f"stmoe: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
+    close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    print(f"stmoe: unknown command {name!r}.{hint}\n\n{_usage()}", file=sys.stderr)
     return 2
   module_name, func_name = COMMANDS[name][0].split(":")
   func = getattr(importlib.import_module(module_name), func_name)
-  return int(func(rest) or 0)
+  return run_command(f"stmoe {name}", func, rest)
 
 
 if __name__ == "__main__":

@@ -26,15 +26,16 @@ import sys
 import tempfile
 from typing import Any, Sequence
 
+from stmoe.errors import UserError, run_command
+
 EXPORT_FILE = "export.json"
 PARAMS_SUBDIR = "params"
 CONFIG_FILE = "config.gin"
 VOCAB_FILE = "vocab.model"
 FORMAT = "stmoe-export"
-_SHAPES = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8), "decoder_target_tokens": (1, 8)}
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
   """A checkpoint/export directory that can't be read; the message says what to pass instead."""
 
 
@@ -55,7 +56,8 @@ def is_export_dir(path: str) -> bool:
 
 
 def find_config(path: str) -> str | None:
-  """The config.gin of an export dir, a step dir (../../config.gin), a checkpoints dir or a MODEL_DIR."""
+  """The config.gin of an export dir, a step dir, a checkpoints dir or a MODEL_DIR: the nearest one, so a
+  step directory's own copy (the config that produced that step) wins over MODEL_DIR/config.gin."""
   path = os.path.abspath(os.path.expanduser(path))
   for _ in range(4):
     candidate = os.path.join(path, CONFIG_FILE)
@@ -84,7 +86,7 @@ def configure_model(config_path: str | None, gin_files: Sequence[str] = (), bind
   if config_path is None and not gin_files:
     raise ExportError("No config.gin found next to the checkpoint: pass the model's gin file, e.g. "
                       "--gin_file models/st_moe_tiny.gin (and the bindings the run used, e.g. --gin.VOCAB_SIZE=8192).")
-  gin_utils.parse_gin(list(gin_files), list(bindings))
+  gin_utils.parse_gin(list(gin_files), list(bindings), check_macros=config_path is None)
   if config_path is not None:
     gin.parse_config_files_and_bindings([config_path], list(bindings), skip_unknown=True)
   # An operative config records the model's bindings under the scope of the macro that built it
@@ -97,8 +99,11 @@ def configure_model(config_path: str | None, gin_files: Sequence[str] = (), bind
 def _single_device_abstract(model: Any, dtype: Any = None):
   import jax
 
+  from stmoe.training import layout
+
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  shapes = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), _SHAPES)["params"])
+  example = layout.input_shapes_for(layout.model_type_of(model), 1, {"inputs": 8, "targets": 8})
+  shapes = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), example)["params"])
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=sharding), shapes)
 
 
@@ -240,6 +245,10 @@ def export(checkpoint: str, output: str, *, bfloat16: bool = False, gin_files: S
 
 def main(argv: list[str] | None = None) -> int:
   """`stmoe export`: write an inference checkpoint (parameters only, optionally bfloat16)."""
+  return run_command("stmoe export", _main, list(argv or []))
+
+
+def _main(argv: list[str]) -> int:
   from stmoe import gin_utils
 
   parser = argparse.ArgumentParser(prog="stmoe export", description=main.__doc__)
@@ -248,13 +257,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--output", default=None, help="export directory to write (default: CHECKPOINT_export)")
   parser.add_argument("--bfloat16", action="store_true", help="store the parameters as bfloat16 (half the size)")
   gin_utils.add_gin_flags(parser)
-  args, bindings = gin_utils.parse_known_gin_args(parser, argv or [])
+  args, bindings = gin_utils.parse_known_gin_args(parser, argv)
   output = args.output or os.path.abspath(os.path.expanduser(args.checkpoint)).rstrip("/") + "_export"
   try:
     out = export(args.checkpoint, output, bfloat16=args.bfloat16, gin_files=args.gin_file, bindings=bindings)
-  except (ExportError, gin_utils.GinConfigError, FileNotFoundError) as e:
-    print(f"stmoe export: error: {e}", file=sys.stderr)
-    return 2
+  except FileNotFoundError as e:
+    raise ExportError(str(e)) from e
   with open(os.path.join(out, EXPORT_FILE), encoding="utf-8") as f:
     info = json.load(f)
   print(f"stmoe export: wrote {out} ({info['num_parameters']:,} parameters, {info['dtype']}, "

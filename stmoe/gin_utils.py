@@ -11,14 +11,16 @@ import argparse
 import difflib
 import logging
 import os
+import re
 from typing import Sequence
 
 import gin
 
 import stmoe
+from stmoe.errors import UserError
 
 
-class GinConfigError(ValueError):
+class GinConfigError(UserError):
   """A gin file or binding could not be parsed or bound; the message says what to change."""
 
 
@@ -66,8 +68,12 @@ def _import_configurables() -> None:
 
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], extra_search_paths: str | Sequence[str] = "",
-              *, finalize: bool = False) -> None:
-  """Clears gin, then parses files and bindings; unknown names fail with a suggestion."""
+              *, finalize: bool = False, check_macros: bool = True) -> None:
+  """Clears gin, then parses files and bindings; unknown names fail with a suggestion.
+
+  With check_macros, a macro defined in `bindings` that nothing refers to is an error (a misspelt
+  `--gin.TRAIN_STPES=3` must not be silently ignored).
+  """
   _import_configurables()
   gin.clear_config()
   paths = search_paths(extra_search_paths)
@@ -82,6 +88,8 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], extra_search_pa
         raise GinConfigError(f"gin file {f!r} was not found in {paths}. Shipped files are under "
                              f"{stmoe.gin_dir()} (e.g. models/st_moe_tiny.gin, runs/pretrain.gin).")
     gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=finalize)
+    if check_macros:
+      check_macros_referenced(bindings)
   except GinConfigError:
     raise
   except (ValueError, KeyError, SyntaxError, OSError) as e:
@@ -91,21 +99,86 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str], extra_search_pa
 
 
 def _explain(error: Exception) -> str:
-  msg = str(error)
+  msg = str(error).split("\n")[0].rstrip(".")
   hint = ""
-  if "No configurable matching" in msg or "Unknown" in msg or "not found" in msg.lower():
+  param = re.search(r"Configurable '([^']+)' doesn't have a parameter named '([^']+)'", msg)
+  if param:
+    close = difflib.get_close_matches(param.group(2), _parameters_of(param.group(1)), n=3)
+    if close:
+      hint = f" Did you mean {' or '.join(f'{param.group(1)}.{c}' for c in close)}?"
+  elif "No configurable matching" in msg or "Unknown" in msg or "not found" in msg.lower():
     known = sorted({name.split(".")[-1] for name in _registered_names()})
     token = msg.split("'")[1] if "'" in msg else ""
     close = difflib.get_close_matches(token.split(".")[-1], known, n=3) if token else []
     if close:
       hint = f" Did you mean {' or '.join(close)}?"
-  return f"gin configuration error: {msg}.{hint} Check the spelling in your --gin_file/--gin.NAME=VALUE flags."
+  where = " ".join(str(error).split("\n")[1:]).strip()
+  where = f" ({' '.join(where.split())})" if where else ""
+  return (f"gin configuration error: {msg}{where}.{hint} Check the spelling in your --gin_file/--gin.NAME=VALUE "
+          "flags.")
 
 
 def _registered_names() -> list[str]:
   from gin import config as gin_config
   registry = getattr(gin_config, "_REGISTRY", {})
   return [str(selector) for selector, _ in registry.items()] if hasattr(registry, "items") else []
+
+
+def _parameters_of(name: str) -> list[str]:
+  """The parameter names of a registered configurable (for "did you mean" hints)."""
+  import inspect
+
+  from gin import config as gin_config
+  try:
+    configurable = gin_config._REGISTRY.get_match(name)
+    return list(inspect.signature(configurable.wrapped).parameters) if configurable else []
+  except (ValueError, TypeError):
+    return []
+
+
+def _referenced_macros() -> set[str]:
+  """Names of the macros that some binding refers to as %NAME."""
+  from gin import config as gin_config
+
+  refs: set[str] = set()
+
+  def walk(value) -> None:
+    if isinstance(value, gin_config.ConfigurableReference):
+      selector = value.scoped_selector
+      if selector.endswith("/gin.macro"):
+        refs.add(selector[: -len("/gin.macro")].split("/")[-1])
+    elif isinstance(value, (list, tuple, set)):
+      for v in value:
+        walk(v)
+    elif isinstance(value, dict):
+      for v in value.values():
+        walk(v)
+
+  for params in gin_config._CONFIG.values():
+    for v in params.values():
+      walk(v)
+  return refs
+
+
+def _defined_macros() -> set[str]:
+  from gin import config as gin_config
+
+  return {scope.split("/")[-1] for scope, selector in gin_config._CONFIG if selector == "gin.macro" and scope}
+
+
+def check_macros_referenced(bindings: Sequence[str]) -> None:
+  """A macro defined on the command line (`--gin.TRAIN_STPES=3`) that nothing refers to is a typo: refuse it,
+  naming the closest defined macro."""
+  referenced = _referenced_macros()
+  defined = _defined_macros()
+  for binding in bindings:
+    name = binding.split("=", 1)[0].strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name in referenced:
+      continue
+    close = difflib.get_close_matches(name, sorted(referenced | (defined - {name})), n=3)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    raise GinConfigError(f"gin configuration error: the macro {name} is defined (--gin.{binding.strip()}) but no "
+                         f"gin file or binding uses %{name}, so it would change nothing.{hint}")
 
 
 def configured_model():

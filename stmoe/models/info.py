@@ -69,7 +69,7 @@ def model_facts(model: BaseModel, inputs_length: int = 512, targets_length: int 
   else:
     shapes = {"encoder_input_tokens": (1, 8), "decoder_input_tokens": (1, 8)}
   abstract = jax.eval_shape(lambda rng: model.get_initial_variables(rng, shapes), jax.random.PRNGKey(0))["params"]
-  k = cfg.moe.num_selected_experts if cfg.moe is not None else 1
+  k = cfg.moe.experts_per_token if cfg.moe is not None else 1
   by_group: dict[str, int] = defaultdict(int)
   active_by_group: dict[str, float] = defaultdict(float)
   for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:

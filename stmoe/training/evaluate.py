@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from stmoe import checkpoints as ckpt_lib
 from stmoe import partitioning
 from stmoe.training import inputs as inputs_lib
+from stmoe.training import layout
 from stmoe.training import metrics as metrics_lib
 from stmoe.training import step as step_lib
 from stmoe.training import trainer as trainer_lib
@@ -34,7 +35,7 @@ def evaluate(model: Any = None,
              mixture_or_task_name: str | None = None,
              checkpoint_path: str | None = None,
              split: str = "validation",
-             model_type: str = "encoder_decoder",
+             model_type: str | None = None,
              input_fn: Callable[..., Any] = inputs_lib.seqio_input,
              eval_steps: int | None = None,
              mesh: Mesh | None = None,
@@ -43,7 +44,9 @@ def evaluate(model: Any = None,
   model = trainer_lib.default_model() if model is None else model
   mesh = partitioning.make_mesh() if mesh is None else mesh
   partitioning.validate_mesh(mesh, getattr(model, "config", None), batch_size)
-  input_shapes = trainer_lib.input_shapes_for(model_type, batch_size, task_feature_lengths)
+  model_type = layout.resolve_model_type(model, model_type)
+  layout.check_feature_lengths(model_type, task_feature_lengths)
+  input_shapes = layout.input_shapes_for(model_type, batch_size, task_feature_lengths)
   abstract_params = jax.eval_shape(
       lambda: model.get_initial_variables(jax.random.PRNGKey(0), input_shapes, None)["params"])
   logical = model.params_logical_axes(input_shapes)

@@ -22,8 +22,10 @@ from typing import Any, Iterator, Mapping
 import gin
 import numpy as np
 
+from stmoe.errors import UserError
 
-class MissingTaskError(ValueError):
+
+class MissingTaskError(UserError):
   """MIXTURE_OR_TASK_NAME names no registered seqio task or mixture."""
 
 
@@ -46,6 +48,12 @@ def seqio_input(mixture_or_task_name: str | None, task_feature_lengths: Mapping[
     raise MissingTaskError(
         f"MIXTURE_OR_TASK_NAME={mixture_or_task_name!r} is not a registered seqio task or mixture. "
         f"Similar names: {close or sorted(registered)[:10]}. Register it in stmoe/tasks or fix the name.")
+  from stmoe.training import layout
+
+  provider = seqio.get_mixture_or_task(mixture_or_task_name)
+  layout.check_feature_lengths(model_type, task_feature_lengths)
+  layout.check_task_features(model_type, mixture_or_task_name, frozenset(provider.output_features),
+                             task_feature_lengths)
   return DataIterator(mixture_or_task_name, dict(task_feature_lengths), batch_size, split=split,
                       model_type=model_type, shuffle=shuffle, seed=seed, pack=pack, repeat=repeat,
                       shard_id=shard_id, num_shards=num_shards)
@@ -77,11 +85,19 @@ class SyntheticIterator:
 
   def _global_batch(self, n: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([self.seed, n])
-    li, lt = self.lengths["inputs"], self.lengths["targets"]
+    lt = self.lengths["targets"]
+    li = self.lengths.get("inputs", max(1, lt // 2))
     inputs = rng.integers(2, self.vocab_size, size=(self.batch_size, li), dtype=np.int64)  # [B, Li]
-    targets = inputs[:, :lt].copy()  # [B, Lt] copy task
+    targets = np.tile(inputs, (1, -(-lt // li)))[:, :lt].copy()  # [B, Lt] copy task
     targets[:, -1] = 1  # EOS
-    if self.model_type == "decoder_only":
+    if self.model_type != "encoder_decoder" and "inputs" not in self.lengths:
+      # causal LM: a sequence that repeats its first half, so the second half is predictable
+      seq = np.tile(inputs, (1, -(-lt // li) + 1))[:, :lt].copy()  # [B, Lt]
+      seq[:, -1] = 1
+      dec_in = np.concatenate([np.zeros((self.batch_size, 1), np.int64), seq[:, :-1]], axis=1)
+      out = {"decoder_input_tokens": dec_in, "decoder_target_tokens": seq,
+             "decoder_loss_weights": np.ones_like(seq)}
+    elif self.model_type != "encoder_decoder":
       seq = np.concatenate([inputs, targets], axis=1)  # [B, Li + Lt]
       dec_in = np.concatenate([np.zeros((self.batch_size, 1), np.int64), seq[:, :-1]], axis=1)
       weights = np.concatenate([np.zeros_like(inputs), np.ones_like(targets)], axis=1)

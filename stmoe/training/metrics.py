@@ -29,13 +29,19 @@ def to_python(metrics: Mapping[str, Any]) -> dict[str, float]:
 class MetricsWriter:
   """Writes a dict of scalars per logged step to TensorBoard and one JSON line to metrics.jsonl."""
 
-  def __init__(self, model_dir: str, enabled: bool = True, tensorboard_subdir: str = "tensorboard"):
+  def __init__(self, model_dir: str, enabled: bool = True, tensorboard_subdir: str = "tensorboard",
+               resume_step: int | None = None):
+    """`resume_step`: a run resumed from this step; rows of later steps (logged after that checkpoint by
+    the interrupted run, and about to be logged again) move to metrics_discarded.jsonl, so metrics.jsonl
+    never repeats a step."""
     self.enabled = enabled
     self._tb = None
     self._jsonl: TextIO | None = None
     if not enabled:
       return
     os.makedirs(model_dir, exist_ok=True)
+    if resume_step is not None:
+      _set_aside_rows_after(os.path.join(model_dir, "metrics.jsonl"), resume_step)
     from tensorboardX import SummaryWriter  # lazily: only process 0 needs it
 
     self._tb = SummaryWriter(logdir=os.path.join(model_dir, tensorboard_subdir))
@@ -58,6 +64,28 @@ class MetricsWriter:
       self._tb.close()
     if self._jsonl is not None:
       self._jsonl.close()
+
+
+def _set_aside_rows_after(path: str, step: int) -> None:
+  """Moves the rows of metrics.jsonl with a step after `step` to metrics_discarded.jsonl (atomically)."""
+  if not os.path.exists(path):
+    return
+  keep, drop = [], []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        later = int(json.loads(line).get("step", 0)) > step
+      except (ValueError, AttributeError):
+        later = False
+      (drop if later else keep).append(line)
+  if not drop:
+    return
+  with open(os.path.join(os.path.dirname(path), "metrics_discarded.jsonl"), "a", encoding="utf-8") as f:
+    f.writelines(drop)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
 
 
 def _fmt_seconds(s: float) -> str:

@@ -86,6 +86,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     params = optax.apply_updates(state["params"], updates)
     metrics = dict(metrics)
     metrics["learning_rate"] = schedule(step)
+    metrics["grad_norm"] = optax.tree.norm(grads)  # the trainer refuses to save a step where it is not finite
     new_state = {"step": step + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
     return new_state, metrics
 

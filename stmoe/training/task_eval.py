@@ -62,6 +62,16 @@ def _text(x: Any) -> str:
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
+def example_text(example: Mapping[str, Any], feature: str, vocabulary: Any) -> str:
+  """The text of an example's feature: its "<feature>_pretokenized" string if the task keeps one, else its
+  token ids decoded (LM and prefix-LM tasks keep only ids); "" if the example has no such feature."""
+  if f"{feature}_pretokenized" in example:
+    return _text(example[f"{feature}_pretokenized"])
+  if feature in example:
+    return vocabulary.decode(trim_ids(np.asarray(example[feature]).reshape(-1)))
+  return ""
+
+
 def predict_texts(model: Any, params: Any, batches: Sequence[Mapping[str, np.ndarray]], vocabulary: Any, *,
                   num_examples: int | None = None, decode_config: Any = None,
                   max_decode_length: int | None = None, seed: int = 0, progress: bool = False,
@@ -101,8 +111,8 @@ def evaluate_task(model: Any, params: Any, eval_data: Any, *, decode_config: Any
                         max_decode_length=max_decode_length, seed=seed, progress=progress,
                         label=f"{eval_data.task_name}")
   metrics = {k: float(v) for k, v in eval_data.compute_metrics(preds).items()}
-  inputs = [_text(ex.get("inputs_pretokenized", "")) for ex in eval_data.examples]
-  targets = [_text(ex.get("targets_pretokenized", "")) for ex in eval_data.examples]
+  inputs = [example_text(ex, "inputs", eval_data.vocabulary) for ex in eval_data.examples]
+  targets = [example_text(ex, "targets", eval_data.vocabulary) for ex in eval_data.examples]
   return TaskEvalResult(task=eval_data.task_name, split=split, metrics=metrics, inputs=inputs, predictions=preds,
                         targets=targets, num_examples=eval_data.num_examples, seconds=time.time() - t0)
 
@@ -113,10 +123,26 @@ def run_task_eval(model: Any, params: Any, task: str, split: str, task_feature_l
   """Builds the eval data of `task`/`split` and evaluates it (see `evaluate_task`)."""
   from stmoe.data.pipeline import get_eval_dataset
 
-  data = get_eval_dataset(task, split, task_feature_lengths, batch_size, max_examples=max_examples)
+  from stmoe.training import layout
+
+  model_type = layout.model_type_of(model)
+  lengths = dict(task_feature_lengths)
+  if model_type != "encoder_decoder":
+    provider_features = _task_features(task)
+    if "inputs" not in provider_features:
+      lengths.pop("inputs", None)  # a causal LM task: targets only
+  data = get_eval_dataset(task, split, lengths, batch_size, max_examples=max_examples, model_type=model_type)
   return evaluate_task(model, params, data, decode_config=decode_config,
                        max_decode_length=int(task_feature_lengths["targets"]), seed=seed, progress=progress,
                        split=split)
+
+
+def _task_features(task: str) -> set[str]:
+  import seqio
+
+  import stmoe.tasks  # noqa: F401
+
+  return set(seqio.get_mixture_or_task(task).output_features)
 
 
 def majority_baseline(train_targets: Sequence[str], eval_targets: Sequence[str]) -> tuple[str, float]:
@@ -147,11 +173,13 @@ def write_results(path: str, payload: Mapping[str, Any]) -> str:
 
 
 def write_predictions(path: str, records: Sequence[Mapping[str, Any]]) -> str:
-  """Writes one JSON object per line."""
+  """Writes one JSON object per line (atomically: tmp + rename)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
     for r in records:
       f.write(json.dumps(r, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)  # atomically: a failed run never leaves half a file
   return path
 
 
