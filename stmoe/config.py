@@ -14,7 +14,8 @@ import gin
 Activation = str  # "relu" | "gelu" | "linear" | "silu" | "gelu_exact"
 _ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "swish", "linear")
 
-RouterType = Literal["tokens_choose", "expert_choice", "noisy_top_k"]
+RouterType = Literal["tokens_choose", "expert_choice", "noisy_top_k", "hierarchical"]
+_ROUTER_TYPES = ("tokens_choose", "expert_choice", "noisy_top_k", "hierarchical")
 Dispatch = Literal["einsum", "sort", "grouped", "dropless"]
 CapacityConvention = Literal["stmoe", "gshard", "absolute"]
 Renormalize = Literal["none", "before_drop", "after_drop"]
@@ -83,13 +84,20 @@ class MoeConfig:
   """Routing, capacity, dispatch and expert settings of every MoE layer of a model.
 
   The semantics follow ST-MoE (Zoph et al. 2022), Switch (Fedus et al. 2021), GShard/fairseq top-2
-  (Lepikhin et al. 2020; Artetxe et al. 2021) and noisy top-k gating (Shazeer et al. 2017); see
-  docs/routing.md for the exact algorithms and where implementations differ.
+  (Lepikhin et al. 2020; Artetxe et al. 2021) and noisy top-k gating (Shazeer et al. 2017, flat and
+  hierarchical); see docs/routing.md for the exact algorithms and where implementations differ.
   """
 
   num_experts: int = 8
-  num_selected_experts: int = 2  # k of top-k; 1 = Switch, 2 = ST-MoE / GShard.
+  num_selected_experts: int = 2  # k of top-k; 1 = Switch, 2 = ST-MoE / GShard; hierarchical: k within each group
   router_type: RouterType = "tokens_choose"
+  # Hierarchical MoE (router_type="hierarchical"; Shazeer et al. 2017 Appendix B): the experts form
+  # num_expert_groups groups of num_experts / num_expert_groups (expert i*b + j is expert j of group i);
+  # a primary noisy top-k gate picks num_selected_groups groups per token, and each picked group's own
+  # noisy top-k gate picks num_selected_experts of its experts: num_selected_groups * num_selected_experts
+  # experts per token. (Expert groups, not the token groups of group_size.) Other routers: leave both at 1.
+  num_expert_groups: int = 1
+  num_selected_groups: int = 1
   d_ff: int = 1024  # hidden size of each expert MLP
   activations: tuple[Activation, ...] = ("relu",)  # ("gelu", "linear") = GEGLU experts (ST-MoE)
   # Grouping and capacity.
@@ -127,7 +135,7 @@ class MoeConfig:
   router_dtype: str = "float32"
 
   def __post_init__(self):
-    _check_choice("MoeConfig.router_type", self.router_type, ("tokens_choose", "expert_choice", "noisy_top_k"))
+    _check_choice("MoeConfig.router_type", self.router_type, _ROUTER_TYPES)
     _check_choice("MoeConfig.dispatch", self.dispatch, ("einsum", "sort", "grouped", "dropless"))
     _check_choice("MoeConfig.dropless_impl", self.dropless_impl, ("auto", "ragged", "blocked"))
     _check_choice("MoeConfig.capacity_convention", self.capacity_convention, ("stmoe", "gshard", "absolute"))
@@ -143,11 +151,50 @@ class MoeConfig:
       raise ValueError(
           f"MoeConfig.num_selected_experts={self.num_selected_experts} must be between 1 and "
           f"num_experts={self.num_experts}.")
+    if self.router_type == "hierarchical":
+      self._check_hierarchical()
+    elif (self.num_expert_groups, self.num_selected_groups) != (1, 1):
+      raise ValueError(
+          f"MoeConfig.num_expert_groups={self.num_expert_groups} / num_selected_groups={self.num_selected_groups} "
+          f"only apply to router_type='hierarchical' (got {self.router_type!r}); set router_type='hierarchical' "
+          "or leave both at 1.")
     if self.capacity_convention == "absolute" and not self.expert_capacity:
       raise ValueError("MoeConfig.capacity_convention='absolute' needs MoeConfig.expert_capacity (slots per "
                        "expert per group).")
     if self.group_size < 1:
       raise ValueError(f"MoeConfig.group_size must be >= 1, got {self.group_size}.")
+
+  def _check_hierarchical(self) -> None:
+    a, e = self.num_expert_groups, self.num_experts
+    if a < 1 or e % a:
+      raise ValueError(
+          f"MoeConfig.num_expert_groups={a} must be >= 1 and divide num_experts={e} (router_type='hierarchical' "
+          f"splits the experts into equal groups); pick a divisor of {e}, e.g. "
+          f"{[d for d in range(2, e) if e % d == 0] or [1]}.")
+    if not 1 <= self.num_selected_groups <= a:
+      raise ValueError(
+          f"MoeConfig.num_selected_groups={self.num_selected_groups} must be between 1 and "
+          f"num_expert_groups={a} (the primary gate picks that many expert groups per token).")
+    if self.num_selected_experts > e // a:
+      raise ValueError(
+          f"MoeConfig.num_selected_experts={self.num_selected_experts} is the number of experts picked *within* each "
+          f"selected group for router_type='hierarchical', so it must be <= num_experts / num_expert_groups = "
+          f"{e // a}.")
+    if self.batch_prioritized_routing:
+      raise ValueError("MoeConfig.batch_prioritized_routing is a tokens_choose option; router_type='hierarchical' "
+                       "admits tokens in order. Set batch_prioritized_routing=False.")
+    if self.second_expert_policy != "all":
+      raise ValueError(
+          f"MoeConfig.second_expert_policy={self.second_expert_policy!r} is a top-2 tokens_choose option; "
+          "router_type='hierarchical' keeps every selected expert. Set second_expert_policy='all'.")
+
+  @property
+  def experts_per_token(self) -> int:
+    """Expert assignments per token before capacity: num_selected_experts, times num_selected_groups for
+    router_type='hierarchical'. (Expert choice has no fixed number per token.)"""
+    if self.router_type == "hierarchical":
+      return self.num_selected_groups * self.num_selected_experts
+    return self.num_selected_experts
 
 
 @gin.configurable

@@ -205,3 +205,90 @@ def moe_layer(x, mask, params, route, activations):
         if route["kept"][g, t, j]:
           y[g, t] += route["gate"][g, t, j] * expert_mlp(x[g, t], params, route["expert"][g, t, j], activations)
   return y
+
+
+def _noisy_top_k_token(clean, std, normal, k):
+  """One token, one gating network (Shazeer 2017 eq. 3-5, 8-9): (top indices, their gates, P(x, .) or None)."""
+  n = len(clean)
+  h = [clean[i] + (0.0 if normal is None else normal[i] * std[i]) for i in range(n)]
+  top = sorted(range(n), key=lambda i: -h[i])[:k]  # stable: ties go to the lower index
+  gates = softmax(np.array([h[i] for i in top]))
+  if normal is None:
+    return top, gates, None
+  p = np.zeros(n)
+  for i in range(n):
+    others = sorted([h[j] for j in range(n) if j != i], reverse=True)
+    p[i] = 1.0 if k >= n else normal_cdf((clean[i] - others[k - 1]) / std[i])
+  return top, gates, p
+
+
+def hierarchical(primary, primary_std, clean, std, mask, *, kp, ks, cap, renormalize="none",
+                 primary_normal=None, normal=None):
+  """Shazeer 2017 Appendix B, one token at a time, with capacity slots as in tokens_choose.
+
+  primary [G, T, a], clean [G, T, a, b]; the *_std / *_normal arrays are shaped alike (normal None: no noise).
+  Returns (route dict of [G, T, kp*ks] arrays as tokens_choose, extras) with extras: importance and load
+  [G, a, b], importance_loss / load_loss [G] (CV^2 of each), aux (their sum averaged over groups), z.
+  """
+  g_n, t_n, a, b = clean.shape
+  k = kp * ks
+  mask = np.ones((g_n, t_n)) if mask is None else np.asarray(mask)
+  expert = np.zeros((g_n, t_n, k), np.int64)
+  gate = np.zeros((g_n, t_n, k))
+  pos = np.full((g_n, t_n, k), -1)
+  kept = np.zeros((g_n, t_n, k), bool)
+  importance = np.zeros((g_n, a, b))
+  load = np.zeros((g_n, a, b))
+  imp_loss, load_loss = np.zeros(g_n), np.zeros(g_n)
+  z_primary, z_secondary, n_real = 0.0, 0.0, 0
+  for g in range(g_n):
+    load_primary = np.zeros(a)  # Load_primary(X)_i
+    load_secondary = np.zeros((a, b))  # Load_i(X^(i))_j
+    size = np.zeros(a)  # |X^(i)|
+    for t in range(t_n):
+      real = mask[g, t] > 0  # padding tokens get choices but are never routed and are not in X
+      if real:
+        n_real += 1
+        z_primary += logsumexp(primary[g, t]) ** 2
+        z_secondary += sum(logsumexp(clean[g, t, i]) ** 2 for i in range(a)) / a
+      pn = None if primary_normal is None else primary_normal[g, t]
+      groups, g_primary, p_primary = _noisy_top_k_token(primary[g, t], None if pn is None else primary_std[g, t], pn,
+                                                        kp)
+      if real:
+        load_primary += p_primary if p_primary is not None else np.isin(np.arange(a), groups)
+      choices = []
+      for r, (i, gi) in enumerate(zip(groups, g_primary)):
+        sn = None if normal is None else normal[g, t, i]
+        inner, g_inner, p_inner = _noisy_top_k_token(clean[g, t, i], None if sn is None else std[g, t, i], sn, ks)
+        if real:
+          size[i] += 1
+          load_secondary[i] += p_inner if p_inner is not None else np.isin(np.arange(b), inner)
+        for s, (j, gj) in enumerate(zip(inner, g_inner)):
+          if real:
+            importance[g, i, j] += gi * gj  # eq. 13
+          choices.append((-gi * gj, r, s, i * b + j, gi * gj))
+      choices.sort()  # heaviest first; ties by primary rank, then secondary rank
+      expert[g, t] = [c[3] for c in choices]
+      gate[g, t] = [c[4] for c in choices]
+    for i in range(a):  # eq. 14
+      if size[i] > 0:
+        load[g, i] = load_primary[i] * load_secondary[i] / size[i]
+    imp_loss[g] = cv_squared(importance[g].reshape(-1))
+    load_loss[g] = cv_squared(load[g].reshape(-1))
+    fill = [0] * (a * b)
+    for r in range(k):  # every token's heaviest choice before any second heaviest, ...
+      for t in range(t_n):
+        if mask[g, t] <= 0:
+          continue
+        e = expert[g, t, r]
+        if fill[e] < cap:
+          pos[g, t, r] = fill[e]
+          kept[g, t, r] = True
+        fill[e] += 1
+    gate[g] = gate[g] * kept[g]
+    if renormalize == "after_drop":
+      s = gate[g].sum(-1, keepdims=True)
+      gate[g] = np.where(s > 0, gate[g] / np.where(s > 0, s, 1.0), 0.0)
+  extras = dict(importance=importance, load=load, importance_loss=imp_loss, load_loss=load_loss,
+                aux=float((imp_loss + load_loss).mean()), z=(z_primary + z_secondary) / max(n_real, 1))
+  return dict(expert=expert, gate=gate, pos=pos, kept=kept), extras

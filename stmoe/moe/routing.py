@@ -1,6 +1,6 @@
 """Routers: which expert buffer slot each token goes to, with which weight, and the router losses.
 
-Three routers, each a small linen module (the MoE layer names it ``router``) over pure routing
+Four routers, each a small linen module (the MoE layer names it ``router``) over pure routing
 functions that the tests drive directly with fixed logits and fixed random draws:
 
 * :func:`tokens_choose_top_k`: every token picks its top-k experts (k=1 Switch, k=2 ST-MoE/GShard);
@@ -8,11 +8,14 @@ functions that the tests drive directly with fixed logits and fixed random draws
   prioritized routing; top-2 renormalisation and second-expert policies.
 * :func:`expert_choice`: every expert picks its top-C tokens of the group (encoder only).
 * :func:`noisy_top_k`: Shazeer et al. 2017 noisy top-k gating with importance and load losses.
+* :func:`hierarchical_noisy_top_k`: its two-level form (Appendix B): a primary noisy top-k gate picks
+  expert groups, each picked group's own noisy top-k gate picks experts within it.
 
-All three return a :class:`RouterOutput` in one *token-major* layout, so that every dispatch
+All four return a :class:`RouterOutput` in one *token-major* layout, so that every dispatch
 implementation (einsum, sort, dropless) works with every router: for each token of each group and
 each of its ``k`` choices, the expert, the slot in that expert's buffer, whether it is kept, and the
-combine weight. Expert-choice uses ``k = num_experts`` (choice ``e`` is "expert e").
+combine weight. Expert-choice uses ``k = num_experts`` (choice ``e`` is "expert e"); hierarchical
+uses ``k = num_selected_groups * num_selected_experts`` over the flat expert index ``i * b + j``.
 
 Router math is float32 whatever the activation dtype (ST-MoE section 3: bfloat16 router logits
 are unstable).
@@ -40,8 +43,9 @@ class RouterOutput:
   kept: jax.Array  # [groups, tokens, k] bool: routed (real token, chosen) and within capacity
   combine_weights: jax.Array  # [groups, tokens, k] float32: gate of each choice, exactly 0 where not kept
   router_probs: jax.Array  # [groups, tokens, experts] float32: softmax of the router logits
-  router_logits: jax.Array  # [groups, tokens, experts] float32: raw logits (noisy top-k: clean logits)
-  auxiliary_loss: jax.Array  # []: load-balancing loss (noisy top-k: importance + load loss)
+  # [groups, tokens, experts] float32: raw logits (noisy top-k: clean logits; hierarchical: see there)
+  router_logits: jax.Array
+  auxiliary_loss: jax.Array  # []: load-balancing loss (noisy top-k, hierarchical: importance + load loss)
   router_z_loss: jax.Array  # []: mean over real tokens of logsumexp(logits)^2
   capacity: int = struct.field(pytree_node=False, default=0)  # slots per expert per group
 
@@ -259,14 +263,57 @@ def expert_choice(logits: jax.Array, padding_mask: jax.Array | None, *, capacity
 # ----------------------------------------------------------------------------------------------------
 
 
+@struct.dataclass
+class NoisyGates:
+  """One noisy top-k gating network's decision for every token (``...`` = any leading axes)."""
+
+  index: jax.Array  # [..., k] int32: the k largest entries of H, largest first
+  gates: jax.Array  # [..., k] float32: softmax over those k entries of H
+  dense: jax.Array  # [..., n] float32: G(x), the gates scattered over all n options (0 elsewhere)
+  selected: jax.Array  # [..., n] float32: 1 for the k selected options, else 0
+  load: jax.Array  # [..., n] float32: P(x, i) with noise (eq. 8-9), else `selected`
+
+
+def noisy_gating(clean_logits: jax.Array, noise_std: jax.Array, k: int,
+                 normal: jax.Array | None = None) -> NoisyGates:
+  """Noisy top-k gating over the last axis (Shazeer et al. 2017, eq. 3-5 and 8-9), per token.
+
+  H = clean + normal * noise_std (``normal=None``: H = clean); G = softmax over the top k of H.
+  With noise, ``load`` is P(x, i) = Phi((clean_i - kth_excluding(H, k, i)) / noise_std_i), the
+  probability that option i is still selected when only its own noise is redrawn; without noise
+  (or with k = n, where every option is always selected) it is the 0/1 selection itself.
+
+  Args:
+    clean_logits: [..., n] x W_g.
+    noise_std: [..., n] softplus(x W_noise) * noise scale (unused when ``normal`` is None).
+    normal: [..., n] N(0, 1) draws, or None (deterministic).
+  """
+  clean = clean_logits.astype(_F32)
+  n = clean.shape[-1]
+  noisy = clean if normal is None else clean + normal.astype(_F32) * noise_std  # [..., n]
+  top_vals, index = jax.lax.top_k(noisy, min(k + 1, n))  # [..., k(+1)]
+  gates = jax.nn.softmax(top_vals[..., :k], axis=-1)  # [..., k]
+  index = index[..., :k].astype(jnp.int32)  # [..., k]
+  onehot = jax.nn.one_hot(index, n, dtype=_F32)  # [..., k, n]
+  selected = jnp.sum(onehot, axis=-2)  # [..., n]
+  dense = jnp.sum(onehot * gates[..., None], axis=-2)  # [..., n]
+  if normal is not None and k < n:
+    thr_in = top_vals[..., k:k + 1]  # [..., 1]: (k+1)-th largest: threshold for an option inside the top k
+    thr_out = top_vals[..., k - 1:k]  # [..., 1]: k-th largest: threshold for an option outside it
+    std = jnp.maximum(noise_std, 1e-9)
+    load = jnp.where(selected > 0, jax.scipy.stats.norm.cdf((clean - thr_in) / std),
+                     jax.scipy.stats.norm.cdf((clean - thr_out) / std))  # [..., n]
+  else:
+    load = selected
+  return NoisyGates(index=index, gates=gates, dense=dense, selected=selected, load=load)
+
+
 def noisy_top_k(clean_logits: jax.Array, noise_std: jax.Array, padding_mask: jax.Array | None, *,
                 num_selected: int, normal: jax.Array | None = None) -> RouterOutput:
   """Noisy top-k gating (Shazeer et al. 2017, eq. 3-5 and 6-10); no capacity, nothing dropped.
 
-  H = clean_logits + normal * noise_std (training; ``normal=None`` gives H = clean_logits);
-  G = softmax over the top-k entries of H (others 0). Losses per group, averaged over groups:
-  importance = CV(sum_x G(x))^2; load = CV(sum_x P(x, i))^2 with
-  P(x, i) = Phi((clean_i - kth_excluding(H, k, i)) / noise_std_i) in training and, without noise,
+  Gates from :func:`noisy_gating`. Losses per group, averaged over groups:
+  importance = CV(sum_x G(x))^2; load = CV(sum_x P(x, i))^2 in training and, without noise, CV of
   the number of tokens routed to each expert (Shazeer's evaluation-time load). The auxiliary loss is
   importance + load (the paper's two coefficients are taken equal: ``MoeConfig.aux_loss_coef``).
 
@@ -279,32 +326,122 @@ def noisy_top_k(clean_logits: jax.Array, noise_std: jax.Array, padding_mask: jax
   g, t, num_experts = clean.shape
   k = num_selected
   real = _real_mask(padding_mask, (g, t))  # [g, t]
-  noisy = clean if normal is None else clean + normal.astype(_F32) * noise_std  # [g, t, e]
-  top_vals, expert_index = jax.lax.top_k(noisy, min(k + 1, num_experts))  # [g, t, k(+1)]
-  gates = jax.nn.softmax(top_vals[..., :k], axis=-1)  # [g, t, k]
-  expert_index = expert_index[..., :k].astype(jnp.int32)
+  gating = noisy_gating(clean, noise_std, k, normal)
   routed = jnp.broadcast_to(real[..., None] > 0, (g, t, k))
-  position, kept = _assign_slots(expert_index, routed, num_experts, capacity=t)
-  gates = gates * kept
-  dense_gates = jnp.sum(jax.nn.one_hot(expert_index, num_experts, dtype=_F32) * gates[..., None], axis=-2)
-
-  importance = jnp.sum(dense_gates * real[..., None], axis=1)  # [g, e]
-  if normal is not None and k < num_experts:
-    thr_in = top_vals[..., k:k + 1]  # [g, t, 1]: (k+1)-th largest: threshold for an expert inside the top k
-    thr_out = top_vals[..., k - 1:k]  # [g, t, 1]: k-th largest: threshold for an expert outside it
-    is_in = noisy > thr_in  # [g, t, e]
-    std = jnp.maximum(noise_std, 1e-9)
-    prob = jnp.where(is_in, jax.scipy.stats.norm.cdf((clean - thr_in) / std),
-                     jax.scipy.stats.norm.cdf((clean - thr_out) / std))  # [g, t, e]
-    load = jnp.sum(prob * real[..., None], axis=1)  # [g, e]
-  else:
-    load = jnp.sum((dense_gates > 0) * real[..., None], axis=1).astype(_F32)  # [g, e]
+  position, kept = _assign_slots(gating.index, routed, num_experts, capacity=t)
+  importance = jnp.sum(gating.dense * real[..., None], axis=1)  # [g, e]
+  load = jnp.sum(gating.load * real[..., None], axis=1)  # [g, e]
   aux = jnp.mean(cv_squared(importance) + cv_squared(load))
-  probs = jax.nn.softmax(clean, axis=-1)
   return RouterOutput(
-      expert_index=expert_index, position=position, kept=kept, combine_weights=gates,
-      router_probs=probs, router_logits=clean, auxiliary_loss=aux,
+      expert_index=gating.index, position=position, kept=kept, combine_weights=gating.gates * kept,
+      router_probs=jax.nn.softmax(clean, axis=-1), router_logits=clean, auxiliary_loss=aux,
       router_z_loss=router_z_loss(clean, real), capacity=t)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hierarchical noisy top-k (Shazeer et al. 2017, Appendix B).
+# ----------------------------------------------------------------------------------------------------
+
+
+def hierarchical_balance(primary: NoisyGates, secondary: NoisyGates,
+                         padding_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """Importance_H and Load_H of Shazeer et al. 2017, eq. 13-14, per group of tokens.
+
+  Importance_H[i, j] = sum_x G_primary(x)_i * G_i(x)_j.
+  Load_H[i, j] = Load_primary(X)_i * Load_i(X^(i))_j / |X^(i)|, X^(i) = the tokens whose primary gate
+  selected expert group i, Load_* = sum over the tokens of P(x, .) (training) or of the 0/1 selection
+  (no noise); 0 where |X^(i)| = 0. The primary factor is what gives Load_H a gradient with respect to
+  the primary gating network. Padding tokens are not in X.
+
+  Args:
+    primary: gates over [groups, tokens, expert_groups].
+    secondary: gates over [groups, tokens, expert_groups, experts_per_group] (every group's secondary
+      network on every token; only the selected groups' enter the sums).
+  Returns:
+    importance, load: [groups, expert_groups, experts_per_group] float32.
+  """
+  g, t = primary.dense.shape[:2]
+  real = _real_mask(padding_mask, (g, t))[..., None]  # [g, t, 1]
+  importance = jnp.sum((primary.dense * real)[..., None] * secondary.dense, axis=1)  # [g, a, b]
+  in_group = primary.selected * real  # [g, t, a]: x in X^(i)
+  group_size = jnp.sum(in_group, axis=1)  # [g, a]: |X^(i)|
+  primary_load = jnp.sum(primary.load * real, axis=1)  # [g, a]
+  secondary_load = jnp.sum(in_group[..., None] * secondary.load, axis=1)  # [g, a, b]
+  load = primary_load[..., None] * secondary_load / jnp.maximum(group_size, 1.0)[..., None]  # [g, a, b]
+  return importance, load
+
+
+def hierarchical_noisy_top_k(
+    primary_logits: jax.Array,
+    primary_noise_std: jax.Array,
+    logits: jax.Array,
+    noise_std: jax.Array,
+    padding_mask: jax.Array | None,
+    *,
+    num_selected_groups: int,
+    num_selected: int,
+    capacity: int,
+    renormalize: str = "none",
+    primary_normal: jax.Array | None = None,
+    normal: jax.Array | None = None,
+) -> RouterOutput:
+  """Two-level noisy top-k gating (Shazeer et al. 2017, Appendix B, eq. 12-14).
+
+  A primary noisy top-k gate picks ``num_selected_groups`` of the ``a`` expert groups; the secondary
+  noisy top-k gate of each picked group i picks ``num_selected`` of its ``b`` experts. Token x goes
+  to expert ``i * b + j`` with weight G_primary(x)_i * G_i(x)_j, so each real token has
+  k = num_selected_groups * num_selected choices; their weights sum to 1. Choices are ordered by
+  weight, heaviest first (ties: primary rank, then secondary rank), and get buffer slots like
+  tokens-choose choices (every token's heaviest choice before any second heaviest, ...); choices
+  beyond ``capacity`` are dropped (``capacity`` = tokens per group drops nothing, as in the paper).
+  ``renormalize="after_drop"`` divides the kept weights by their sum ("before_drop" changes nothing:
+  they already sum to 1).
+
+  Losses per group of tokens, averaged over groups: auxiliary_loss = CV(Importance_H)^2 +
+  CV(Load_H)^2 over all a * b experts (:func:`hierarchical_balance`; computed before capacity);
+  router_z_loss = z-loss of the primary logits + mean over expert groups of each secondary's z-loss.
+  ``router_logits`` [.., a * b] is primary_i + log_softmax(secondary_i)_j, whose softmax
+  (``router_probs``) is the noise-free dense probability softmax(primary)_i * softmax(secondary_i)_j.
+
+  Args:
+    primary_logits, primary_noise_std: [groups, tokens, expert_groups] x W_primary and
+      softplus(x W_primary_noise) * noise scale.
+    logits, noise_std: [groups, tokens, expert_groups, experts_per_group] the same for the secondary
+      networks (group i's network is [..., i, :]).
+    primary_normal, normal: N(0, 1) draws shaped like the logits, or None (deterministic).
+  """
+  primary_clean = primary_logits.astype(_F32)
+  clean = logits.astype(_F32)
+  g, t, a, b = clean.shape
+  kp, ks = num_selected_groups, num_selected
+  real = _real_mask(padding_mask, (g, t))  # [g, t]
+  primary = noisy_gating(primary_clean, primary_noise_std, kp, primary_normal)  # over [g, t, a]
+  secondary = noisy_gating(clean, noise_std, ks, normal)  # over [g, t, a, b]
+
+  chosen = primary.index[..., None]  # [g, t, kp, 1]
+  inner = jnp.take_along_axis(secondary.index, chosen, axis=2)  # [g, t, kp, ks]
+  inner_gates = jnp.take_along_axis(secondary.gates, chosen, axis=2)  # [g, t, kp, ks]
+  flat_index = (chosen * b + inner).reshape(g, t, kp * ks)  # [g, t, k]
+  weights = (primary.gates[..., None] * inner_gates).reshape(g, t, kp * ks)  # [g, t, k]
+  weights, order = jax.lax.top_k(weights, kp * ks)  # [g, t, k]: heaviest first
+  expert_index = jnp.take_along_axis(flat_index, order, axis=-1).astype(jnp.int32)  # [g, t, k]
+
+  routed = jnp.broadcast_to(real[..., None] > 0, (g, t, kp * ks))  # [g, t, k]
+  position, kept = _assign_slots(expert_index, routed, a * b, capacity)
+  weights = weights * kept  # [g, t, k]
+  if renormalize == "after_drop":
+    denom = jnp.sum(weights, axis=-1, keepdims=True)  # [g, t, 1]
+    weights = jnp.where(denom > 0, weights / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+  importance, load = hierarchical_balance(primary, secondary, real)  # [g, a, b] each
+  aux = jnp.mean(cv_squared(importance.reshape(g, a * b)) + cv_squared(load.reshape(g, a * b)))
+  secondary_real = jnp.broadcast_to(real[..., None], (g, t, a)).reshape(g, t * a)  # [g, t*a]
+  z_loss = router_z_loss(primary_clean, real) + router_z_loss(clean.reshape(g, t * a, b), secondary_real)
+  flat_logits = (primary_clean[..., None] + jax.nn.log_softmax(clean, axis=-1)).reshape(g, t, a * b)
+  return RouterOutput(
+      expert_index=expert_index, position=position, kept=kept, combine_weights=weights,
+      router_probs=jax.nn.softmax(flat_logits, axis=-1), router_logits=flat_logits, auxiliary_loss=aux,
+      router_z_loss=z_loss, capacity=capacity)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -320,9 +457,11 @@ class Router(nn.Module):
   """The router of one MoE layer: float32 logits x @ w (w [embed, experts]) and the routing decision.
 
   ``router_type`` "tokens_choose" and "expert_choice" use ``w`` only; "noisy_top_k" adds
-  ``w_noise [embed, experts]`` (zeros init, as the paper allows). Multiplicative jitter
-  U(1-eps, 1+eps) is applied to the router input only, in training only. Every random draw comes
-  from the "dropout" rng stream.
+  ``w_noise [embed, experts]`` (zeros init, as the paper allows). "hierarchical" reads ``w`` and
+  ``w_noise`` as the stacked secondary gating networks (expert group i's network is columns
+  ``i*b .. i*b + b - 1``, b = experts per group) and adds the primary network ``w_primary`` and
+  ``w_primary_noise [embed, expert_groups]``. Multiplicative jitter U(1-eps, 1+eps) is applied to the
+  router input only, in training only. Every random draw comes from the "dropout" rng stream.
   """
 
   config: MoeConfig
@@ -359,15 +498,33 @@ class Router(nn.Module):
         raise ValueError("Expert-choice routing looks at every token of a group at once, so it leaks future "
                          "tokens in a decoder (causal=True); use router_type='tokens_choose' there.")
       return expert_choice(logits, padding_mask, capacity=capacity)
-    if cfg.router_type == "noisy_top_k":
+
+    def noise_std(name: str, n: int) -> jax.Array:  # [g, t, n] softplus(x W_noise) * noise scale
       w_noise = self.param(
-          "w_noise", nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "unmodeled")),
-          (embed, experts), _F32)
+          name, nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "unmodeled")), (embed, n), _F32)
       raw = jnp.einsum("gtd,de->gte", x, w_noise, precision=jax.lax.Precision.HIGHEST)
-      noise_std = jax.nn.softplus(raw) * cfg.noisy_gating_noise_std  # [g, t, e]
+      return jax.nn.softplus(raw) * cfg.noisy_gating_noise_std
+
+    if cfg.router_type == "noisy_top_k":
       normal = None if deterministic else jax.random.normal(self.make_rng("dropout"), logits.shape, _F32)
-      return noisy_top_k(logits, noise_std, padding_mask, num_selected=cfg.num_selected_experts,
-                         normal=normal)
+      return noisy_top_k(logits, noise_std("w_noise", experts), padding_mask,
+                         num_selected=cfg.num_selected_experts, normal=normal)
+    if cfg.router_type == "hierarchical":
+      g, t = logits.shape[:2]
+      a = cfg.num_expert_groups
+      b = experts // a
+      w_primary = self.param("w_primary", _router_init(), (embed, a), _F32)
+      primary = jnp.einsum("gtd,da->gta", x, w_primary, precision=jax.lax.Precision.HIGHEST)  # [g, t, a]
+      primary_std = noise_std("w_primary_noise", a)  # [g, t, a]
+      std = noise_std("w_noise", experts).reshape(g, t, a, b)  # [g, t, a, b]
+      primary_normal = normal = None
+      if not deterministic:  # one draw for both levels: [..., :a] primary, [..., a:] secondary
+        draw = jax.random.normal(self.make_rng("dropout"), (g, t, a + experts), _F32)  # [g, t, a + a*b]
+        primary_normal, normal = draw[..., :a], draw[..., a:].reshape(g, t, a, b)
+      return hierarchical_noisy_top_k(
+          primary, primary_std, logits.reshape(g, t, a, b), std, padding_mask,
+          num_selected_groups=cfg.num_selected_groups, num_selected=cfg.num_selected_experts,
+          capacity=capacity, renormalize=cfg.renormalize, primary_normal=primary_normal, normal=normal)
     raise ValueError(f"Unknown router_type {cfg.router_type!r}.")
 
 
