@@ -32,10 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 
 import numpy as np
+
+import bench_common
+from bench_common import median_times
 
 CONFIG = dict(vocab_size=8000, d_model=256, num_heads=8, d_kv=32, d_ff=1024, num_encoder_layers=4,
               num_decoder_layers=4, num_experts=8, expert_d_ff=1024, sparse_every=2, top_k=1, batch=16,
@@ -47,36 +49,23 @@ TINY_CONFIG = dict(CONFIG, vocab_size=256, d_model=32, num_heads=2, d_kv=8, d_ff
                    targets_length=16)
 
 
+def model_config(c: dict, dispatch: str = "sort", dtype: str = "float32"):
+  """The stmoe ModelConfig of the benchmark model described by `c` (CONFIG or TINY_CONFIG)."""
+  from stmoe.config import ModelConfig, MoeConfig, SparseLayout
+
+  moe = MoeConfig(num_experts=c["num_experts"], num_selected_experts=c["top_k"], d_ff=c["expert_d_ff"],
+                  group_size=c["inputs_length"], train_capacity_factor=2.0, eval_capacity_factor=2.0,
+                  activations=("relu",), dispatch=dispatch, aux_loss_coef=1e-3, router_z_loss_coef=1e-3)
+  layout = SparseLayout(kind="hf_switch", every=c["sparse_every"])
+  return ModelConfig(vocab_size=c["vocab_size"], d_model=c["d_model"], num_heads=c["num_heads"], d_kv=c["d_kv"],
+                     d_ff=c["d_ff"], num_encoder_layers=c["num_encoder_layers"],
+                     num_decoder_layers=c["num_decoder_layers"], activations=("relu",), moe=moe,
+                     encoder_sparse=layout, decoder_sparse=layout, z_loss=0.0, dtype=dtype)
+
+
 def model_flops(c: dict) -> dict[str, float]:
-  """Exact matmul FLOPs of one training step (3 x forward) of the benchmark model."""
-  b, li, lt, d = c["batch"], c["inputs_length"], c["targets_length"], c["d_model"]
-  hd = c["num_heads"] * c["d_kv"]
-  enc_tokens, dec_tokens = b * li, b * lt
-  n_enc, n_dec = c["num_encoder_layers"], c["num_decoder_layers"]
-  sparse = lambda n: sum(1 for i in range(n) if i % c["sparse_every"] == 1)
-  mlp = 2 * 2 * d * c["d_ff"]  # wi, wo per token (ReLU: one input projection)
-  expert = c["top_k"] * 2 * 2 * d * c["expert_d_ff"] + 2 * d * c["num_experts"]  # experts + router
-  enc_layer_dense = 4 * 2 * d * hd + 2 * 2 * li * hd  # q,k,v,o projections + scores + values
-  fwd = enc_tokens * (n_enc * enc_layer_dense + (n_enc - sparse(n_enc)) * mlp + sparse(n_enc) * expert)
-  dec_self = 4 * 2 * d * hd + 2 * 2 * lt * hd
-  dec_cross_q = 2 * 2 * d * hd + 2 * 2 * li * hd  # q and o projections + scores + values over inputs
-  fwd += dec_tokens * (n_dec * (dec_self + dec_cross_q) + (n_dec - sparse(n_dec)) * mlp + sparse(n_dec) * expert)
-  fwd += n_dec * enc_tokens * 2 * 2 * d * hd  # cross-attention k, v of the encoder output, per decoder layer
-  fwd += dec_tokens * 2 * d * c["vocab_size"]  # output projection
-  return {"forward_flops": float(fwd), "train_flops": float(3 * fwd),
-          "train_flops_per_token": float(3 * fwd) / (enc_tokens + dec_tokens)}
-
-
-def _median_times(fn, warmup: int, iters: int) -> tuple[float, float]:
-  for _ in range(warmup):
-    fn()
-  wall, cpu = [], []
-  for _ in range(iters):
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    wall.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-  return statistics.median(wall), statistics.median(cpu)
+  """Exact matmul FLOPs of one training step (3 x forward) of the benchmark model (see bench_common)."""
+  return bench_common.model_flops(model_config(c), c["batch"], c["inputs_length"], c["targets_length"])
 
 
 def peak_gflops(dtype: str = "float32", iters: int = 10, n: int = 2048) -> tuple[float, float]:
@@ -87,36 +76,22 @@ def peak_gflops(dtype: str = "float32", iters: int = 10, n: int = 2048) -> tuple
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
   f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-  wall, cpu = _median_times(lambda: f(a, b).block_until_ready(), 3, iters)
+  wall, cpu = median_times(lambda: f(a, b).block_until_ready(), 3, iters)
   return 2 * n ** 3 / wall / 1e9, 2 * n ** 3 / cpu / 1e9
 
 
 def _batch(c: dict, seed: int = 0) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(seed)
-  b, li, lt = c["batch"], c["inputs_length"], c["targets_length"]
-  inputs = rng.integers(2, c["vocab_size"], size=(b, li)).astype(np.int32)
-  targets = rng.integers(2, c["vocab_size"], size=(b, lt)).astype(np.int32)
-  dec_in = np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1)
-  return {"encoder_input_tokens": inputs, "decoder_input_tokens": dec_in, "decoder_target_tokens": targets,
-          "decoder_loss_weights": np.ones_like(targets)}
+  return bench_common.synthetic_batch(c["batch"], c["inputs_length"], c["targets_length"], c["vocab_size"], seed)
 
 
 def ours(c: dict, warmup: int, iters: int, dispatch: str, dtype: str = "float32") -> dict:
   import jax
 
-  from stmoe.config import ModelConfig, MoeConfig, SparseLayout
   from stmoe.models.api import make_model
   from stmoe.training import optimizers, step as step_lib
   from stmoe.training.trainer import input_shapes_for
 
-  moe = MoeConfig(num_experts=c["num_experts"], num_selected_experts=c["top_k"], d_ff=c["expert_d_ff"],
-                  group_size=c["inputs_length"], train_capacity_factor=2.0, eval_capacity_factor=2.0,
-                  activations=("relu",), dispatch=dispatch, aux_loss_coef=1e-3, router_z_loss_coef=1e-3)
-  layout = SparseLayout(kind="hf_switch", every=c["sparse_every"])
-  cfg = ModelConfig(vocab_size=c["vocab_size"], d_model=c["d_model"], num_heads=c["num_heads"], d_kv=c["d_kv"],
-                    d_ff=c["d_ff"], num_encoder_layers=c["num_encoder_layers"],
-                    num_decoder_layers=c["num_decoder_layers"], activations=("relu",), moe=moe,
-                    encoder_sparse=layout, decoder_sparse=layout, z_loss=0.0, dtype=dtype)
+  cfg = model_config(c, dispatch, dtype)
   model = make_model(cfg)
   shapes = input_shapes_for("encoder_decoder", c["batch"], {"inputs": c["inputs_length"],
                                                               "targets": c["targets_length"]})
@@ -135,7 +110,7 @@ def ours(c: dict, warmup: int, iters: int, dispatch: str, dtype: str = "float32"
   t0 = time.perf_counter()
   run()
   compile_s = time.perf_counter() - t0
-  wall, cpu = _median_times(run, warmup, iters)
+  wall, cpu = median_times(run, warmup, iters)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   return {"step_s": wall, "step_cpu_s": cpu, "compile_s": compile_s, "params": n_params}
 
@@ -169,7 +144,7 @@ def peer(c: dict, warmup: int, iters: int) -> dict:
     out.loss.backward()
     opt.step()
 
-  wall, cpu = _median_times(run, warmup, iters)
+  wall, cpu = median_times(run, warmup, iters)
   return {"step_s": wall, "step_cpu_s": cpu, "params": sum(p.numel() for p in model.parameters())}
 
 

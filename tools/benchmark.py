@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 SUBCOMMANDS: dict[str, str] = {
     "moe_layer": "bench_moe_layer",  # MoeLayer fwd+bwd per dispatch vs a FLOP-matched dense MLP
     "train_step": "bench_train_step",  # full training step (tools/bench_train_step.py)
+    "accelerator": "bench_accelerator",  # one-shot GPU run: bf16 matmul peak, MoE layer, st_moe_base step
 }
 
 
