@@ -24,6 +24,9 @@ EXTRAS = {
         "torch==2.13.0",
         "transformers==4.57.6",
     ],
+    # `stmoe compile --topology v5p:...`: libtpu describes TPU topologies on any host so XLA can compile
+    # for them ahead of time (jax[tpu] pins the libtpu that matches the installed jax).
+    "tpu": ["jax[tpu]>=0.10.2,<0.12"],
 }
 
 setup(
@@ -35,8 +38,9 @@ setup(
     python_requires=">=3.11",
     # `tasks/` (seqio registrations) installs as `stmoe.tasks`, never as a generic top-level `tasks`.
     packages=[
-        "stmoe", "stmoe.layers", "stmoe.moe", "stmoe.models", "stmoe.training", "stmoe.interop",
-        "stmoe.data", "stmoe.tasks", "stmoe.gin",
+        "stmoe", "stmoe.layers", "stmoe.moe", "stmoe.models", "stmoe.decoding", "stmoe.checkpoints",
+        "stmoe.training", "stmoe.evaluation", "stmoe.interop", "stmoe.data", "stmoe.data.corpora", "stmoe.cli",
+        "stmoe.tasks", "stmoe.gin",
     ],
     # `gin/` installs as the data folder `stmoe/gin/` so that `--gin_file models/st_moe_tiny.gin` resolves
     # after a regular install too (stmoe.gin_dir()); it has no __init__.py so it never shadows gin-config.

@@ -11,8 +11,9 @@ from typing import Literal, Sequence
 
 import gin
 
-Activation = str  # "relu" | "gelu" | "linear" | "silu" | "gelu_exact"
-_ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "swish", "linear")
+from stmoe.layers.activations import ACTIVATION_NAMES  # pure Python: no JAX imported here
+
+Activation = str  # one of stmoe.layers.activations.ACTIVATION_NAMES
 
 RouterType = Literal["tokens_choose", "expert_choice", "noisy_top_k", "hierarchical"]
 _ROUTER_TYPES = ("tokens_choose", "expert_choice", "noisy_top_k", "hierarchical")
@@ -26,6 +27,28 @@ LoadBalanceCount = Literal["top1", "all"]
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
   if value not in choices:
     raise ValueError(f"{name}={value!r} is not one of {tuple(choices)}; set it to one of those.")
+
+
+def check_router_allowed(moe: "MoeConfig", *, causal: bool) -> None:
+  """Raises if `moe` routes in a way that leaks future tokens into a causal (decoder) layer.
+
+  Expert-choice routing and batch-prioritized routing both look at every token of a group before
+  deciding for any one of them, so they are encoder-only. Called by ModelConfig (at construction, for
+  sparse decoder layers) and by the router itself (for layers built directly with causal=True).
+  """
+  if not causal:
+    return
+  if moe.router_type == "expert_choice":
+    raise ValueError(
+        "Expert-choice routing is encoder-only: each expert ranks all tokens of a group at once, so in a "
+        "decoder (causal=True) it leaks future tokens into the routing of past ones (and cannot decode one "
+        "token at a time). Use router_type='tokens_choose' for decoder layers, or make the decoder dense "
+        "(decoder_sparse=SparseLayout(kind='none')).")
+  if moe.batch_prioritized_routing:
+    raise ValueError(
+        "Batch prioritized routing is encoder-only: it orders a group's tokens by router confidence, which "
+        "leaks the future in a decoder (causal=True). Set MoeConfig.batch_prioritized_routing=False, or make "
+        "the decoder dense (decoder_sparse=SparseLayout(kind='none')).")
 
 
 @gin.configurable
@@ -130,8 +153,9 @@ class MoeConfig:
   router_z_loss_coef: float = 1e-3
   # Extra dense MLP beside each sparse MLP (ST-MoE "dense-sparse" sandwich of Appendix B).
   extra_dense_mlp: bool = False
-  # HF Switch scales the expert output by the router probability of the chosen expert (top-1);
-  # our combine weights are exactly that; kept as a switch only for documentation of the convention.
+  # The dtype of the router math. The router always runs in float32 whatever the activation dtype
+  # (ST-MoE section 3: bfloat16 router logits are unstable), so "float32" is the only accepted value; the
+  # field exists so that configs can state it (HF SwitchTransformers has the same setting).
   router_dtype: str = "float32"
 
   def __post_init__(self):
@@ -142,8 +166,11 @@ class MoeConfig:
     _check_choice("MoeConfig.renormalize", self.renormalize, ("none", "before_drop", "after_drop"))
     _check_choice("MoeConfig.second_expert_policy", self.second_expert_policy, ("all", "sampling", "random"))
     _check_choice("MoeConfig.load_balance_count", self.load_balance_count, ("top1", "all"))
+    if self.router_dtype != "float32":
+      raise ValueError(f"MoeConfig.router_dtype={self.router_dtype!r}: the router always runs in float32 (bfloat16 "
+                       "router logits are unstable, ST-MoE section 3); set router_dtype='float32' or leave it unset.")
     for a in self.activations:
-      _check_choice("MoeConfig.activations", a, _ACTIVATIONS)
+      _check_choice("MoeConfig.activations", a, ACTIVATION_NAMES)
     object.__setattr__(self, "activations", tuple(self.activations))
     if self.num_experts < 1:
       raise ValueError(f"MoeConfig.num_experts must be >= 1, got {self.num_experts}.")
@@ -238,7 +265,7 @@ class ModelConfig:
 
   def __post_init__(self):
     for a in self.activations:
-      _check_choice("ModelConfig.activations", a, _ACTIVATIONS)
+      _check_choice("ModelConfig.activations", a, ACTIVATION_NAMES)
     object.__setattr__(self, "activations", tuple(self.activations))
     _check_choice("ModelConfig.dtype", self.dtype, ("float32", "bfloat16", "float16"))
     if min(self.vocab_size, self.d_model, self.num_heads, self.d_kv, self.d_ff) < 1:
@@ -249,17 +276,7 @@ class ModelConfig:
       raise ValueError("ModelConfig has sparse layers (encoder_sparse/decoder_sparse) but no `moe` config; "
                        "bind ModelConfig.moe = @MoeConfig() or set the layouts to SparseLayout(kind='none').")
     if self.moe is not None and self.decoder_sparse.sparse_indices(self.num_decoder_layers):
-      if self.moe.router_type == "expert_choice":
-        raise ValueError(
-            "Expert-choice routing looks at every token of a group at once, so in a decoder it leaks "
-            "future tokens into the routing of past ones (and cannot decode one token at a time). Use it "
-            "in the encoder only: set decoder_sparse to SparseLayout(kind='none') or use "
-            "router_type='tokens_choose' for decoder layers.")
-      if self.moe.batch_prioritized_routing:
-        raise ValueError(
-            "Batch prioritized routing orders a group's tokens by router confidence, which leaks the "
-            "future in a decoder; it is encoder-only. Set MoeConfig.batch_prioritized_routing=False or "
-            "make the decoder dense.")
+      check_router_allowed(self.moe, causal=True)
     if self.decoder_only and self.num_encoder_layers and self.encoder_sparse.kind != "none":
       raise ValueError("A decoder-only model has no encoder: leave encoder_sparse at kind='none'.")
 

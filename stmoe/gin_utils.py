@@ -8,11 +8,12 @@ Flags (t5x style): --gin_file F (repeatable), --gin.NAME=VALUE (repeatable; also
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import logging
 import os
 import re
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import gin
 
@@ -179,6 +180,41 @@ def check_macros_referenced(bindings: Sequence[str]) -> None:
     hint = f" Did you mean {' or '.join(close)}?" if close else ""
     raise GinConfigError(f"gin configuration error: the macro {name} is defined (--gin.{binding.strip()}) but no "
                          f"gin file or binding uses %{name}, so it would change nothing.{hint}")
+
+
+@contextlib.contextmanager
+def isolated() -> Iterator[None]:
+  """Parse and use another gin configuration inside the block; the global one is restored afterwards.
+
+  Loading a model from a checkpoint's config.gin (export, infer, eval) needs gin, but a library function
+  must not wipe the caller's configuration: this saves gin's global state (bindings, imports, operative
+  config, lock) and puts it back, whatever happens in the block.
+  """
+  from gin import config as gin_config
+
+  saved = {
+      "config": {k: dict(v) for k, v in gin_config._CONFIG.items()},
+      "imports": set(gin_config._IMPORTS),
+      "operative": {k: dict(v) for k, v in gin_config._OPERATIVE_CONFIG.items()},
+      "singletons": dict(gin_config._SINGLETONS),
+      "locked": gin_config.config_is_locked(),
+      "search_paths": list(getattr(gin_config, "_LOCATION_PREFIXES", [])),
+  }
+  try:
+    yield
+  finally:
+    gin_config._set_config_is_locked(False)
+    gin_config._CONFIG.clear()
+    gin_config._CONFIG.update(saved["config"])
+    gin_config._IMPORTS.clear()
+    gin_config._IMPORTS.update(saved["imports"])
+    gin_config._OPERATIVE_CONFIG.clear()
+    gin_config._OPERATIVE_CONFIG.update(saved["operative"])
+    gin_config._SINGLETONS.clear()
+    gin_config._SINGLETONS.update(saved["singletons"])
+    if hasattr(gin_config, "_LOCATION_PREFIXES"):
+      gin_config._LOCATION_PREFIXES[:] = saved["search_paths"]
+    gin_config._set_config_is_locked(saved["locked"])
 
 
 def configured_model():

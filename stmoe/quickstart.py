@@ -1,4 +1,5 @@
-"""`stmoe quickstart`: the whole ST-MoE workflow on bundled real data, on a CPU, in minutes.
+"""The quickstart workflow (`stmoe quickstart`, stmoe/cli/quickstart.py): the whole ST-MoE workflow on
+bundled real data, on a CPU, in minutes.
 
     stmoe quickstart [--output_dir DIR] [--fast] [--gin.NAME=VALUE ...]
 
@@ -19,12 +20,8 @@ lists the equivalent `stmoe vocab/train/infer/export` commands to rerun each ste
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import logging
 import os
-import sys
 import time
 from typing import Any, Mapping, Sequence
 
@@ -97,11 +94,12 @@ def run_quickstart(output_dir: str = "stmoe_quickstart",
     finetune_eval_period: decode the validation split every this many fine-tuning steps (and at the end).
     max_eval_examples: evaluate on the first N validation passages only (None: all of them).
   """
-  from stmoe import export as export_lib
+  from stmoe.checkpoints import export as export_lib
   from stmoe import gin_utils, plots
   from stmoe.data import vocab as vocab_lib
   from stmoe.models.api import make_model
-  from stmoe.training import finetune, optimizers, schedules, task_eval, trainer
+  from stmoe.evaluation import task_metrics as task_eval
+  from stmoe.training import finetune, optimizers, schedules, trainer
 
   t_start = time.time()
   output_dir = os.path.abspath(os.path.expanduser(output_dir))
@@ -183,7 +181,6 @@ def run_quickstart(output_dir: str = "stmoe_quickstart",
   _stage("5/5 export and plot")
   t0 = time.time()
   export_dir = export_lib.export(ft_dir, os.path.join(output_dir, "export"))
-  gin_utils.parse_gin([], [])  # export.load reconfigured gin; leave it clean
   plot_path = plots.training_plot(os.path.join(output_dir, PLOT_FILE), pre_records, ft_records,
                                   baseline=majority_acc, accuracy_scale=0.01,
                                   title=f"stmoe quickstart: tiny ST-MoE, {pretrain_steps} pretraining + "
@@ -250,33 +247,3 @@ def _device_description() -> str:
   import jax
 
   return f"{jax.device_count()} x {jax.devices()[0].platform} ({os.cpu_count()} CPUs visible)"
-
-
-def main(argv: list[str] | None = None) -> int:
-  """`stmoe quickstart`: vocab -> pretrain -> fine-tune -> evaluate -> export, on bundled real data."""
-  from stmoe import gin_utils
-
-  parser = argparse.ArgumentParser(prog="stmoe quickstart", description=main.__doc__)
-  parser.add_argument("--output_dir", default="stmoe_quickstart", help="where everything is written")
-  parser.add_argument("--fast", action="store_true", help="a few steps only (smoke test / CI)")
-  parser.add_argument("--no_progress", action="store_true")
-  gin_utils.add_gin_flags(parser)
-  args, bindings = gin_utils.parse_known_gin_args(parser, argv or [])
-  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-  for noisy in ("absl", "orbax", "jax._src", "stmoe.partitioning"):
-    logging.getLogger(noisy).setLevel(logging.ERROR)
-  files = ["runs/quickstart_fast.gin" if args.fast else "runs/quickstart.gin"] + list(args.gin_file)
-  try:
-    gin_utils.parse_gin(files, bindings, args.gin_search_paths)
-  except gin_utils.GinConfigError as e:
-    print(f"stmoe quickstart: error: {e}", file=sys.stderr)
-    return 2
-  summary = run_quickstart(output_dir=args.output_dir, progress=not args.no_progress)
-  ok = summary["finetune_accuracy"] > summary["majority_baseline_accuracy"]
-  print(f"stmoe quickstart: done in {summary['seconds']:.0f}s; accuracy {summary['finetune_accuracy']:.3f} vs "
-        f"majority {summary['majority_baseline_accuracy']:.3f} ({'beats' if ok else 'does NOT beat'} the baseline)")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

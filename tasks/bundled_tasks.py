@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import seqio
 
-from stmoe.data import bundled, sources, superglue_metrics
+from stmoe.data import sources, superglue_metrics
+from stmoe.data.corpora import polarity, shakespeare
 from stmoe.data.seqio_vocab import output_features
 
 
@@ -18,7 +19,7 @@ def label_postprocessor(labels: tuple[str, ...]):
 
 
 def _genre_columns(split: str) -> dict[str, list]:
-  ex = bundled.shakespeare_genre_examples(split)
+  ex = shakespeare.shakespeare_genre_examples(split)
   return {"inputs": [f"genre passage: {e['passage']}" for e in ex], "targets": [e["genre"] for e in ex],
           "play": [e["play"] for e in ex]}
 
@@ -26,7 +27,7 @@ def _genre_columns(split: str) -> dict[str, list]:
 def _polarity_columns(split: str) -> dict[str, list]:
   if split != "validation":
     raise ValueError("rotten_tomatoes_polarity is an evaluation set: it only has a 'validation' split.")
-  ex = bundled.rotten_tomatoes_examples()
+  ex = polarity.rotten_tomatoes_examples()
   # T5's SST-2 format (the sentences come from the same Rotten Tomatoes source as SST-2), so a model
   # fine-tuned on glue_sst2 can be evaluated on it directly.
   return {"inputs": [f"sst2 sentence: {e['sentence']}" for e in ex], "targets": [e["label"] for e in ex]}
@@ -38,7 +39,7 @@ if "shakespeare_genre" not in seqio.TaskRegistry.names():
       source=sources.columns_source(_genre_columns, ("train", "validation")),
       preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim],
       output_features=output_features(),
-      postprocess_fn=label_postprocessor(bundled.GENRES),
+      postprocess_fn=label_postprocessor(shakespeare.GENRES),
       metric_fns=[superglue_metrics.accuracy])
   seqio.TaskRegistry.add(
       "rotten_tomatoes_polarity",

@@ -6,7 +6,11 @@ import functools
 
 import seqio
 
-from stmoe.data import bundled, preprocessors, settings, sources
+from stmoe.data import preprocessors, settings, sources
+from stmoe.data.corpora import local_text
+from stmoe.data.corpora.fetch import DataUnavailableError
+from stmoe.data.corpora.shakespeare import shakespeare_documents
+from stmoe.data.corpora.wikipedia import wikipedia_documents
 from stmoe.data.seqio_vocab import output_features
 
 C4_TFDS_NAME = "c4/en:3.1.0"
@@ -15,18 +19,18 @@ C4_TFDS_NAME = "c4/en:3.1.0"
 def _text_documents(split: str) -> list[str]:
   pattern = settings.text_files()
   if not pattern:
-    raise bundled.DataUnavailableError(
+    raise DataUnavailableError(
         "text_span_corruption / text_prefix_lm / text_lm read local text files: bind their glob in gin, "
         "e.g. `TEXT_FILES = '/data/corpus/*.txt'` (and TEXT_SPLIT_BY = 'paragraph' for blank-line "
         "separated documents), or export STMOE_TEXT_FILES.")
-  docs = bundled.read_text_documents(pattern, settings.text_split_by())
+  docs = local_text.read_text_documents(pattern, settings.text_split_by())
   percent = settings.text_validation_percent()
-  return [d for d in docs if bundled.split_of(d, percent) == split]
+  return [d for d in docs if local_text.split_of(d, percent) == split]
 
 
 SOURCES = {
-    "shakespeare": lambda: sources.text_source(bundled.shakespeare_documents, ("train", "validation")),
-    "wikipedia": lambda: sources.text_source(bundled.wikipedia_documents, ("train", "validation")),
+    "shakespeare": lambda: sources.text_source(shakespeare_documents, ("train", "validation")),
+    "wikipedia": lambda: sources.text_source(wikipedia_documents, ("train", "validation")),
     "text": lambda: sources.text_source(_text_documents, ("train", "validation")),
     "c4": lambda: sources.CheckedTfdsDataSource(C4_TFDS_NAME, splits=("train", "validation")),
 }

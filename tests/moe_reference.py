@@ -292,3 +292,13 @@ def hierarchical(primary, primary_std, clean, std, mask, *, kp, ks, cap, renorma
   extras = dict(importance=importance, load=load, importance_loss=imp_loss, load_loss=load_loss,
                 aux=float((imp_loss + load_loss).mean()), z=(z_primary + z_secondary) / max(n_real, 1))
   return dict(expert=expert, gate=gate, pos=pos, kept=kept), extras
+
+
+def check_route(out, want: dict) -> None:
+  """A router's output (stmoe.moe.routing.RouterOutput) against a reference dict from this module:
+  kept flags, expert indices and slot positions exactly, combine weights to 1e-6."""
+  kept = np.asarray(out.kept)
+  np.testing.assert_array_equal(kept, want["kept"])
+  np.testing.assert_array_equal(np.asarray(out.expert_index), want["expert"])
+  np.testing.assert_array_equal(np.where(kept, np.asarray(out.position), -1), want["pos"])
+  np.testing.assert_allclose(np.asarray(out.combine_weights), want["gate"], atol=1e-6)

@@ -6,6 +6,8 @@ import sys
 CORE_MODULES = [
     "stmoe", "stmoe.config", "stmoe.layers.attention", "stmoe.layers.position", "stmoe.models.api",
     "stmoe.models.transformer", "stmoe.models.info", "stmoe.moe", "stmoe.decoding", "stmoe.gin_utils", "stmoe.cli",
+    "stmoe.checkpoints", "stmoe.training.step", "stmoe.training.trainer", "stmoe.evaluation.loss",
+    "stmoe.cli.train", "stmoe.cli.export", "stmoe.cli.info",
 ]
 
 

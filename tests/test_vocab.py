@@ -5,6 +5,7 @@ import os
 import pytest
 import sentencepiece as spm
 
+from stmoe.cli import vocab as vocab_cli  # `stmoe vocab` (moved out of stmoe.data.vocab)
 from stmoe.data import bundled, vocab
 
 
@@ -19,7 +20,7 @@ def corpus(tmp_path_factory):
 
 def test_cli_trains_t5_ids(corpus, tmp_path):
   out = tmp_path / "v.model"
-  rc = vocab.main(["--input", str(corpus / "*.txt"), "--vocab_size", "300", "--output", str(out)])
+  rc = vocab_cli.main(["--input", str(corpus / "*.txt"), "--vocab_size", "300", "--output", str(out)])
   assert rc == 0 and out.exists()
   sp = spm.SentencePieceProcessor(model_file=str(out))
   assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, -1)
@@ -27,13 +28,13 @@ def test_cli_trains_t5_ids(corpus, tmp_path):
   assert vocab.vocabulary_size(str(out)) == 400  # + 100 extra ids
   # deterministic: the same inputs give the same pieces
   out2 = tmp_path / "v2.model"
-  assert vocab.main(["--input", str(corpus / "*.txt"), "--vocab_size", "300", "--output", str(out2)]) == 0
+  assert vocab_cli.main(["--input", str(corpus / "*.txt"), "--vocab_size", "300", "--output", str(out2)]) == 0
   sp2 = spm.SentencePieceProcessor(model_file=str(out2))
   assert [sp.id_to_piece(i) for i in range(300)] == [sp2.id_to_piece(i) for i in range(300)]
 
 
 def test_cli_no_files(tmp_path, capsys):
-  assert vocab.main(["--input", str(tmp_path / "*.txt"), "--vocab_size", "100", "--output",
+  assert vocab_cli.main(["--input", str(tmp_path / "*.txt"), "--vocab_size", "100", "--output",
                      str(tmp_path / "x.model")]) == 1
   assert "no files match" in capsys.readouterr().err
 

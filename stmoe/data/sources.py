@@ -12,7 +12,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from stmoe.data import bundled, settings, superglue
+from stmoe.data import settings, superglue
 from stmoe.errors import UserError
 
 

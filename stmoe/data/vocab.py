@@ -12,22 +12,21 @@ Which vocabulary the tasks use, first match wins:
 4. the default bundled vocabulary: 8,000 pieces trained on the train splits of the bundled Shakespeare
    and Wikipedia corpora, trained once on demand (~10-30 s) and cached in $STMOE_CACHE_DIR (~/.cache/stmoe).
 
-`stmoe vocab --input GLOB --vocab_size N --output PATH.model` trains a vocabulary on your own text.
+`stmoe vocab --input GLOB --vocab_size N --output PATH.model` (`stmoe.cli.vocab`) trains a vocabulary on
+your own text with `train_vocabulary`. The special ids themselves are defined once, in `stmoe.special_ids`.
 """
 
 from __future__ import annotations
 
-import argparse
-import glob
 import os
-import sys
 import tempfile
-import time
 
+from stmoe.data.corpora.fetch import cache_dir
+from stmoe.data.corpora.shakespeare import shakespeare_documents
+from stmoe.data.corpora.wikipedia import wikipedia_documents
 from stmoe.errors import UserError
+from stmoe.special_ids import EOS_ID, NUM_EXTRA_IDS, PAD_ID, UNK_ID
 
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
-NUM_EXTRA_IDS = 100
 DEFAULT_BUNDLED_VOCAB_SIZE = 8000  # + 100 extra ids = 8,100 ids: a model needs vocab_size >= 8100
 _BUNDLED_VOCAB_VERSION = "v1"  # bump when the recipe below changes: a new cache file is trained
 
@@ -158,9 +157,7 @@ def _strip_temp_paths(model_path: str) -> None:
 
 def default_vocabulary_path() -> str:
   """The bundled vocabulary, trained on first use and cached (atomic; deterministic contents)."""
-  from stmoe.data import bundled
-
-  vocab_dir = os.path.join(bundled.cache_dir(), "vocab")
+  vocab_dir = os.path.join(cache_dir(), "vocab")
   path = os.path.join(vocab_dir, f"bundled_sp{DEFAULT_BUNDLED_VOCAB_SIZE}_{_BUNDLED_VOCAB_VERSION}.model")
   if os.path.exists(path):
     return path
@@ -168,44 +165,10 @@ def default_vocabulary_path() -> str:
   with tempfile.TemporaryDirectory(dir=vocab_dir, prefix=".train-") as tmp:
     corpus = os.path.join(tmp, "corpus.txt")
     with open(corpus, "w", encoding="utf-8") as f:
-      for doc in bundled.shakespeare_documents("train") + bundled.wikipedia_documents("train"):
+      for doc in shakespeare_documents("train") + wikipedia_documents("train"):
         f.write(doc.replace("\n", " ").strip() + "\n")
     model = train_vocabulary([corpus], DEFAULT_BUNDLED_VOCAB_SIZE, os.path.join(tmp, "v.model"))
     _strip_temp_paths(model)
     os.replace(model, path)  # atomic: concurrent processes never read half a file
   return path
 
-
-def main(argv: list[str] | None = None) -> int:
-  """`stmoe vocab`: train a SentencePiece vocabulary with T5's special ids."""
-  parser = argparse.ArgumentParser(prog="stmoe vocab", description=main.__doc__)
-  parser.add_argument("--input", action="append", required=True,
-                      help="glob of text files, one sentence/document per line (repeatable)")
-  parser.add_argument("--vocab_size", type=int, required=True,
-                      help="number of pieces (the tasks add 100 extra ids on top)")
-  parser.add_argument("--output", required=True, help="path of the .model file to write")
-  parser.add_argument("--model_type", default="unigram", choices=["unigram", "bpe", "char", "word"])
-  parser.add_argument("--character_coverage", type=float, default=1.0)
-  parser.add_argument("--max_sentences", type=int, default=0,
-                      help="train on a random sample of this many lines (0: all lines, deterministic)")
-  parser.add_argument("--num_threads", type=int, default=1)
-  args = parser.parse_args(argv)
-  files = sorted({f for pattern in args.input for f in glob.glob(os.path.expanduser(pattern))})
-  if not files:
-    print(f"stmoe vocab: no files match {args.input}", file=sys.stderr)
-    return 1
-  t0 = time.time()
-  try:
-    train_vocabulary(files, args.vocab_size, args.output, model_type=args.model_type,
-                     character_coverage=args.character_coverage, num_threads=args.num_threads,
-                     max_sentences=args.max_sentences)
-  except (VocabularyError, RuntimeError) as e:
-    print(f"stmoe vocab: {e}", file=sys.stderr)
-    return 1
-  print(f"wrote {args.output}: {args.vocab_size} pieces + {NUM_EXTRA_IDS} extra ids "
-        f"(pad 0, eos 1, unk 2, no bos) from {len(files)} files in {time.time() - t0:.1f}s")
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

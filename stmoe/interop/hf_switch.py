@@ -16,7 +16,8 @@ How HF Switch maps onto stmoe (transformers 4.57.6, modeling_switch_transformers
   ``group_size`` equal to a stack's sequence length, that stack's groups are exactly HF's. When no token
   overflows its expert (e.g. eval with enough capacity) the outputs do not depend on grouping at all.
 * Router: ``router.classifier.weight [experts, embed]`` -> ``moe/router/w [embed, experts]`` (no bias),
-  float32 router math; jitter U(1-eps, 1+eps) on the router input in training only.
+  float32 router math whatever HF's ``router_dtype``; jitter U(1-eps, 1+eps) on the router input in training
+  only.
 * Experts ``experts.expert_j.{wi,wo}.weight`` -> stacked ``moe/experts/wi [expert, embed, mlp]`` and
   ``moe/experts/wo [expert, mlp, embed]``.
 
@@ -35,7 +36,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from stmoe.config import ModelConfig, MoeConfig, SparseLayout
-from stmoe.interop import common
+from stmoe.interop import config_map, files, param_layout, verify
 
 MODEL_TYPES = ("switch_transformers",)
 ARCHITECTURES = ("SwitchTransformersForConditionalGeneration",)
@@ -65,15 +66,15 @@ def config_from_hf(hf_config: Any, *, group_size: int = 512, moe_overrides: Mapp
   moe_overrides / overrides: replace MoeConfig / ModelConfig fields afterwards (e.g. dispatch="einsum",
     dtype="bfloat16").
   """
-  cfg = common.config_dict(hf_config)
-  common.check_architecture(cfg, model_types=MODEL_TYPES, architectures=ARCHITECTURES,
+  cfg = files.config_dict(hf_config)
+  config_map.check_architecture(cfg, model_types=MODEL_TYPES, architectures=ARCHITECTURES,
                             importer="stmoe.interop.hf_switch")
-  common.check_special_tokens(cfg)
+  config_map.check_special_tokens(cfg)
   if cfg.get("router_bias", False):
     raise ValueError("router_bias=True is unsupported: stmoe's router has no bias (as in Switch/ST-MoE). "
                      "Only checkpoints with router_bias=False can be imported.")
-  act = common.activation_from_hf(cfg.get("dense_act_fn", "relu"))
-  kwargs = common.t5_family_kwargs(cfg)
+  act = config_map.activation_from_hf(cfg.get("dense_act_fn", "relu"))
+  kwargs = config_map.t5_family_kwargs(cfg)
   kwargs["activations"] = (act,)
   moe = MoeConfig(
       num_experts=int(cfg["num_experts"]),
@@ -90,7 +91,7 @@ def config_from_hf(hf_config: Any, *, group_size: int = 512, moe_overrides: Mapp
       expert_dropout=kwargs["dropout_rate"],  # HF's experts are DenseActDense, with dropout before wo
       aux_loss_coef=float(cfg.get("router_aux_loss_coef", 1e-3)),
       router_z_loss_coef=float(cfg.get("router_z_loss_coef", 1e-3)),
-      router_dtype=str(cfg.get("router_dtype", "float32")),
+      # HF's router_dtype is not carried over: stmoe's router math is always float32 (MoeConfig.router_dtype).
   )
   if moe_overrides:
     moe = dataclasses.replace(moe, **dict(moe_overrides))
@@ -103,7 +104,7 @@ def config_from_hf(hf_config: Any, *, group_size: int = 512, moe_overrides: Mapp
   return ModelConfig(**kwargs)
 
 
-def _feed_forward(weights: common.HFWeights, prefix: str, role: str, index: int, *, config: ModelConfig):
+def _feed_forward(weights: verify.HFWeights, prefix: str, role: str, index: int, *, config: ModelConfig):
   """HF SwitchTransformersLayerFF.mlp: DenseActDense (wi, wo) or SparseMLP (router + experts)."""
   layout = config.encoder_sparse if role == "encoder" else config.decoder_sparse
   num_layers = config.num_encoder_layers if role == "encoder" else config.num_decoder_layers
@@ -114,21 +115,21 @@ def _feed_forward(weights: common.HFWeights, prefix: str, role: str, index: int,
                      f"config's sparse step makes it {'sparse' if sparse else 'dense'}; config.json does not "
                      f"match the weights.")
   if not sparse:
-    return {"mlp": common.dense_mlp_params(weights, f"{prefix}.mlp", config.activations)}
+    return {"mlp": param_layout.dense_mlp_params(weights, f"{prefix}.mlp", config.activations)}
   moe = config.moe
   router = weights.get(f"{prefix}.mlp.router.classifier.weight")  # [experts, embed]
   experts = [f"{prefix}.mlp.experts.expert_{j}" for j in range(moe.num_experts)]
   if weights.has(f"{prefix}.mlp.experts.expert_{moe.num_experts}.wi.weight"):
     raise ValueError(f"{prefix} has more experts than num_experts={moe.num_experts}.")
-  wi = np.stack([common.dense_kernel(weights.get(f"{e}.wi.weight")) for e in experts])  # [expert, embed, mlp]
-  wo = np.stack([common.dense_kernel(weights.get(f"{e}.wo.weight")) for e in experts])  # [expert, mlp, embed]
-  return {"moe": {"router": {"w": common.dense_kernel(router)}, "experts": {"wi": wi, "wo": wo}}}
+  wi = np.stack([param_layout.dense_kernel(weights.get(f"{e}.wi.weight")) for e in experts])  # [expert, embed, mlp]
+  wo = np.stack([param_layout.dense_kernel(weights.get(f"{e}.wo.weight")) for e in experts])  # [expert, mlp, embed]
+  return {"moe": {"router": {"w": param_layout.dense_kernel(router)}, "experts": {"wi": wi, "wo": wo}}}
 
 
 def params_from_state_dict(state: Mapping[str, Any], config: ModelConfig) -> dict:
   """stmoe params (float32 numpy) from a HF SwitchTransformers state dict and the matching ModelConfig."""
-  weights = common.HFWeights(dict(state))
-  return common.encoder_decoder_params(
+  weights = verify.HFWeights(dict(state))
+  return param_layout.encoder_decoder_params(
       weights, config, lambda w, prefix, role, i: _feed_forward(w, prefix, role, i, config=config))
 
 
@@ -141,11 +142,11 @@ def load_pretrained(source: Any, *, group_size: int = 512, moe_overrides: Mappin
   """
   from stmoe.models.api import make_model
 
-  hf_cfg, state = common.read_source(source)
+  hf_cfg, state = files.read_source(source)
   config = config_from_hf(hf_cfg, group_size=group_size, moe_overrides=moe_overrides, **overrides)
   model = make_model(config)
   params = params_from_state_dict(state, config)
-  common.check_against_model(params, model)
+  verify.check_against_model(params, model)
   return model, params
 
 
@@ -170,7 +171,7 @@ def to_hf_config(config: ModelConfig, *, expert_capacity: int | None = None) -> 
   expert_capacity: HF's slots per expert per sequence; defaults to MoeConfig.expert_capacity when the
     model uses the "absolute" capacity convention (other conventions have no HF equivalent: pass it).
   """
-  common.check_exportable(config)
+  config_map.check_exportable(config)
   moe = config.moe
   if moe is None:
     raise ValueError("This model has no MoE config; export dense models with stmoe.interop.hf_t5.")
@@ -196,10 +197,10 @@ def to_hf_config(config: ModelConfig, *, expert_capacity: int | None = None) -> 
       raise ValueError(f"MoeConfig.capacity_convention={moe.capacity_convention!r} has no HF equivalent: pass "
                        f"expert_capacity= (HF's slots per expert per sequence).")
     expert_capacity = moe.expert_capacity
-  act, _ = common.activation_to_hf(config.activations)
+  act, _ = config_map.activation_to_hf(config.activations)
   enc_step = _sparse_step_for(config.encoder_sparse, config.num_encoder_layers)
   dec_step = _sparse_step_for(config.decoder_sparse, config.num_decoder_layers)
-  out = common.t5_family_config(config)
+  out = config_map.t5_family_config(config)
   out.update(
       model_type="switch_transformers", architectures=list(ARCHITECTURES), dense_act_fn=act,
       num_experts=moe.num_experts, expert_capacity=int(expert_capacity), router_bias=False,
@@ -215,13 +216,13 @@ def to_hf_config(config: ModelConfig, *, expert_capacity: int | None = None) -> 
 def _export_feed_forward(layer: dict, prefix: str, role: str, index: int) -> dict:
   del role, index
   if "mlp" in layer:
-    return common.export_dense_mlp(layer["mlp"], f"{prefix}.mlp")
+    return param_layout.export_dense_mlp(layer["mlp"], f"{prefix}.mlp")
   moe = layer["moe"]
-  out = {f"{prefix}.mlp.router.classifier.weight": common.to_hf_linear(moe["router"]["w"])}  # [experts, embed]
+  out = {f"{prefix}.mlp.router.classifier.weight": param_layout.to_hf_linear(moe["router"]["w"])}  # [experts, embed]
   wi, wo = np.asarray(moe["experts"]["wi"]), np.asarray(moe["experts"]["wo"])  # [e, embed, mlp], [e, mlp, embed]
   for j in range(wi.shape[0]):
-    out[f"{prefix}.mlp.experts.expert_{j}.wi.weight"] = common.to_hf_linear(wi[j])  # [mlp, embed]
-    out[f"{prefix}.mlp.experts.expert_{j}.wo.weight"] = common.to_hf_linear(wo[j])  # [embed, mlp]
+    out[f"{prefix}.mlp.experts.expert_{j}.wi.weight"] = param_layout.to_hf_linear(wi[j])  # [mlp, embed]
+    out[f"{prefix}.mlp.experts.expert_{j}.wo.weight"] = param_layout.to_hf_linear(wo[j])  # [embed, mlp]
   return out
 
 
@@ -229,12 +230,12 @@ def state_dict_from_params(params: Mapping[str, Any], config: ModelConfig, *,
                            expert_capacity: int | None = None) -> dict:
   """HF SwitchTransformers state dict {name: float32 numpy} from stmoe params."""
   to_hf_config(config, expert_capacity=expert_capacity)  # validates that HF can express the model
-  return common.export_encoder_decoder(params, config, _export_feed_forward)
+  return param_layout.export_encoder_decoder(params, config, _export_feed_forward)
 
 
 def save_pretrained(params: Mapping[str, Any], config: ModelConfig, directory: Any, *,
                     expert_capacity: int | None = None) -> str:
   """Writes a directory that SwitchTransformersForConditionalGeneration.from_pretrained loads (safetensors)."""
   hf_config = to_hf_config(config, expert_capacity=expert_capacity)
-  return common.write_directory(directory, hf_config, state_dict_from_params(params, config,
+  return files.write_directory(directory, hf_config, state_dict_from_params(params, config,
                                                                               expert_capacity=expert_capacity))

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from stmoe.config import ModelConfig
-from stmoe.interop import common
+from stmoe.interop import config_map, files, param_layout, verify
 
 MODEL_TYPES = ("t5", "mt5")
 ARCHITECTURES = ("T5ForConditionalGeneration", "MT5ForConditionalGeneration")
@@ -34,7 +34,7 @@ def activations_from_feed_forward_proj(feed_forward_proj: str) -> tuple[str, ...
   if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
     raise ValueError(f"feed_forward_proj={feed_forward_proj!r} is not 'ACT' or 'gated-ACT'.")
   act = "gelu_new" if feed_forward_proj == "gated-gelu" else parts[-1]
-  ours = common.activation_from_hf(act)
+  ours = config_map.activation_from_hf(act)
   return (ours, "linear") if len(parts) == 2 else (ours,)
 
 
@@ -43,25 +43,25 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
 
   `overrides` replace ModelConfig fields afterwards (e.g. dtype="bfloat16", dropout_rate=0.0).
   """
-  cfg = common.config_dict(hf_config)
-  common.check_architecture(cfg, model_types=MODEL_TYPES, architectures=ARCHITECTURES,
+  cfg = files.config_dict(hf_config)
+  config_map.check_architecture(cfg, model_types=MODEL_TYPES, architectures=ARCHITECTURES,
                             importer="stmoe.interop.hf_t5")
-  common.check_special_tokens(cfg)
-  kwargs = common.t5_family_kwargs(cfg)
+  config_map.check_special_tokens(cfg)
+  kwargs = config_map.t5_family_kwargs(cfg)
   kwargs["activations"] = activations_from_feed_forward_proj(cfg.get("feed_forward_proj", "relu"))
   kwargs.update(overrides)
   return ModelConfig(**kwargs)
 
 
-def _feed_forward(weights: common.HFWeights, prefix: str, role: str, index: int, *, config: ModelConfig):
+def _feed_forward(weights: verify.HFWeights, prefix: str, role: str, index: int, *, config: ModelConfig):
   del role, index
-  return {"mlp": common.dense_mlp_params(weights, f"{prefix}.DenseReluDense", config.activations)}
+  return {"mlp": param_layout.dense_mlp_params(weights, f"{prefix}.DenseReluDense", config.activations)}
 
 
 def params_from_state_dict(state: Mapping[str, Any], config: ModelConfig) -> dict:
   """stmoe params (float32 numpy) from a HF T5 state dict {name: array} and the matching ModelConfig."""
-  weights = common.HFWeights(dict(state))
-  return common.encoder_decoder_params(
+  weights = verify.HFWeights(dict(state))
+  return param_layout.encoder_decoder_params(
       weights, config, lambda w, prefix, role, i: _feed_forward(w, prefix, role, i, config=config))
 
 
@@ -73,11 +73,11 @@ def load_pretrained(source: Any, **overrides: Any):
   """
   from stmoe.models.api import make_model
 
-  hf_cfg, state = common.read_source(source)
+  hf_cfg, state = files.read_source(source)
   config = config_from_hf(hf_cfg, **overrides)
   model = make_model(config)
   params = params_from_state_dict(state, config)
-  common.check_against_model(params, model)
+  verify.check_against_model(params, model)
   return model, params
 
 
@@ -88,7 +88,7 @@ def load_pretrained(source: Any, **overrides: Any):
 
 def feed_forward_proj_from_activations(activations: tuple[str, ...]) -> str:
   """stmoe activations -> HF feed_forward_proj (the inverse of activations_from_feed_forward_proj)."""
-  act, gated = common.activation_to_hf(activations)
+  act, gated = config_map.activation_to_hf(activations)
   if not gated:
     return act
   if act == "gelu":
@@ -99,11 +99,11 @@ def feed_forward_proj_from_activations(activations: tuple[str, ...]) -> str:
 
 def to_hf_config(config: ModelConfig) -> dict[str, Any]:
   """A HF T5Config dict (config.json contents) for a dense stmoe encoder-decoder."""
-  common.check_exportable(config)
+  config_map.check_exportable(config)
   if config.is_sparse:
     raise ValueError("This model has MoE layers; export it with stmoe.interop.hf_switch (top-1 Switch models) "
                      "instead of hf_t5.")
-  out = common.t5_family_config(config)
+  out = config_map.t5_family_config(config)
   out.update(model_type="t5", architectures=list(ARCHITECTURES[:1]),
              feed_forward_proj=feed_forward_proj_from_activations(config.activations))
   return out
@@ -111,15 +111,15 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
 
 def _export_feed_forward(layer: dict, prefix: str, role: str, index: int) -> dict:
   del role, index
-  return common.export_dense_mlp(layer["mlp"], f"{prefix}.DenseReluDense")
+  return param_layout.export_dense_mlp(layer["mlp"], f"{prefix}.DenseReluDense")
 
 
 def state_dict_from_params(params: Mapping[str, Any], config: ModelConfig) -> dict:
   """HF T5 state dict {name: float32 numpy} from stmoe params (the inverse of params_from_state_dict)."""
   to_hf_config(config)  # validates that HF T5 can express the model
-  return common.export_encoder_decoder(params, config, _export_feed_forward)
+  return param_layout.export_encoder_decoder(params, config, _export_feed_forward)
 
 
 def save_pretrained(params: Mapping[str, Any], config: ModelConfig, directory: Any) -> str:
   """Writes a directory that transformers' T5ForConditionalGeneration.from_pretrained loads (safetensors)."""
-  return common.write_directory(directory, to_hf_config(config), state_dict_from_params(params, config))
+  return files.write_directory(directory, to_hf_config(config), state_dict_from_params(params, config))

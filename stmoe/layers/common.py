@@ -1,4 +1,7 @@
-"""Small shared pieces of the Transformer layers: dtypes, activations, initialisers, dense projections."""
+"""Small shared pieces of the Transformer layers: dtypes, initialisers, dense projections.
+
+The activation table lives in stmoe/layers/activations.py; `activation_fn` is re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from stmoe.layers.activations import activation_fn
 from stmoe.layers.matmul import linear
 
 Array = jax.Array
 Initializer = Callable[..., Array]
+
+__all__ = ["Array", "Initializer", "Projection", "activation_fn", "as_dtype", "default_embed_init",
+           "default_kernel_init", "dense"]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -21,18 +28,6 @@ def as_dtype(name_or_dtype: Any) -> jnp.dtype:
   if isinstance(name_or_dtype, str):
     return _DTYPES[name_or_dtype]
   return name_or_dtype
-
-
-def activation_fn(name: str) -> Callable[[Array], Array]:
-  """T5 names: 'gelu' is the tanh approximation (HF 'gelu_new'), 'gelu_exact' the erf form."""
-  return {
-      "relu": jax.nn.relu,
-      "gelu": lambda x: jax.nn.gelu(x, approximate=True),
-      "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
-      "silu": jax.nn.silu,
-      "swish": jax.nn.silu,
-      "linear": lambda x: x,
-  }[name]
 
 
 # T5 / flaxformer initialisation: fan-in scaled normals; embeddings N(0, 1).

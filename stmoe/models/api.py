@@ -4,7 +4,11 @@ One object per network shape wraps the linen module and the batch conventions (t
   encoder_input_tokens, decoder_input_tokens, decoder_target_tokens, decoder_loss_weights,
   encoder_segment_ids / decoder_segment_ids, encoder_positions / decoder_positions (packing),
   decoder_causal_attention (decoder-only prefix LM: 1 on the inputs part).
-Token id 0 is padding (and the decoder's start token), 1 is EOS.
+Token id 0 is padding (and the decoder's start token), 1 is EOS (stmoe.special_ids).
+
+Decoding is model-agnostic: each model exposes decode_start / decode_step (KV cache) and reference_start /
+reference_step (full recompute, the slow path tests compare the cache against), and predict_batch hands the
+model to stmoe.decoding, which runs greedy, sampling or beam search through those calls only.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import jax.numpy as jnp
 
 from stmoe import decoding
 from stmoe.config import ModelConfig
+from stmoe.decoding import DecodeState, tile_beams
 from stmoe.models.losses import cross_entropy_with_z_loss, first_argmax, moe_losses_and_metrics
 from stmoe.models.networks import DecoderOnly, EncoderDecoder
+from stmoe.special_ids import PAD_ID
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -124,7 +130,32 @@ class BaseModel:
     fn = _jitted_predict(self, cfg, use_cache)
     return fn(params, dict(batch), rng)
 
-  def _predict(self, params, batch, rng, cfg, use_cache):
+  def _predict(self, params: Params, batch: Batch, rng: Array | None, cfg: decoding.DecodeConfig,
+               use_cache: bool) -> Array:
+    return decoding.predict(self, params, batch, cfg, rng, use_cache=use_cache)
+
+  # The decoding contract (stmoe.decoding.state): first logits predict generated position 0; a step feeds the
+  # token generated at position `index` and returns the logits of position index + 1. Rows are laid out
+  # [batch * num_copies] (the copies of row 0 first). Both models keep their write position in the state, so
+  # `index` is informational here.
+  def decode_start(self, params: Params, batch: Batch, max_decode_length: int,
+                   num_copies: int = 1) -> tuple[Array, DecodeState]:
+    """-> (first logits [batch * num_copies, vocab], state with a KV cache for max_decode_length tokens)."""
+    raise NotImplementedError
+
+  def decode_step(self, params: Params, tokens: Array, state: DecodeState,
+                  index: Array | int) -> tuple[Array, DecodeState]:
+    """tokens [rows, 1] -> (logits [rows, vocab], state): one token through the KV cache."""
+    raise NotImplementedError
+
+  def reference_start(self, params: Params, batch: Batch, max_decode_length: int,
+                      num_copies: int = 1) -> tuple[Array, DecodeState]:
+    """decode_start without a KV cache: the state holds the token buffer (predict_batch(use_cache=False))."""
+    raise NotImplementedError
+
+  def reference_step(self, params: Params, tokens: Array, state: DecodeState,
+                     index: Array | int) -> tuple[Array, DecodeState]:
+    """decode_step without a KV cache: writes tokens into the buffer and reruns the whole prefix."""
     raise NotImplementedError
 
 
@@ -143,8 +174,27 @@ def _rngs(rng: Array | None) -> dict:
   return {} if rng is None else {"dropout": rng}
 
 
-def _zeros_like_shapes(tree):
+def _zeros_like_shapes(tree: Any) -> Any:
+  """Zero arrays for a tree of jax.ShapeDtypeStruct (a KV cache made without running the model)."""
   return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+
+
+def _copies(tree: Any, num_copies: int) -> Any:
+  """Repeats every row num_copies times ([rows, ...] -> [rows * num_copies, ...]); 1 leaves the tree as is."""
+  return tree if num_copies == 1 else tile_beams(tree, num_copies)
+
+
+def _reference_buffer(tokens: Array, valid: Array, index: int) -> dict:
+  """The reference path's 'cache': tokens and valid [rows, width] and the next write position (a scalar)."""
+  return {"tokens": tokens.astype(jnp.int32), "valid": valid, "index": jnp.asarray(index, jnp.int32)}
+
+
+def _reference_write(buffer: dict, tokens: Array) -> tuple[dict, Array]:
+  """Writes tokens [rows, 1] at buffer["index"], marks them valid -> (advanced buffer, write position)."""
+  pos = buffer["index"]
+  written = jax.lax.dynamic_update_slice(buffer["tokens"], tokens.astype(jnp.int32), (0, pos))  # [rows, width]
+  valid = jax.lax.dynamic_update_slice(buffer["valid"], jnp.ones(tokens.shape, jnp.bool_), (0, pos))
+  return {"tokens": written, "valid": valid, "index": pos + 1}, pos
 
 
 class EncoderDecoderModel(BaseModel):
@@ -165,38 +215,66 @@ class EncoderDecoderModel(BaseModel):
         batch.get("encoder_segment_ids"), batch.get("decoder_segment_ids"), deterministic=rng is None,
         rngs=_rngs(rng))
 
-  def _predict(self, params, batch, rng, cfg, use_cache):
+  # --- decoding (stmoe.decoding drives these) -----------------------------------------------------------
+  def _encode(self, params: Params, batch: Batch, num_copies: int) -> tuple[Array, Array]:
+    """The decoding context: (encoded [rows, enc_length, embed], encoder tokens [rows, enc_length]).
+
+    The encoder runs once per batch row; its output is then repeated for the copies (beams) of the row.
+    """
     enc_tokens = batch["encoder_input_tokens"]
-    batch_size = enc_tokens.shape[0]
-    length = cfg.max_decode_length or batch["decoder_input_tokens"].shape[1]
     encoded, _ = self.module.apply({"params": params}, enc_tokens, method=EncoderDecoder.encode)
-    if cfg.method == "beam":
-      from stmoe import beam_search
-      return beam_search.encoder_decoder_beam_search(self, params, encoded, enc_tokens, length, cfg)
+    return _copies((encoded, enc_tokens), num_copies)
 
-    def apply_decoder(variables, tokens, valid=None, decode=False):
-      return self.module.apply(variables, encoded, enc_tokens, tokens, valid, method=EncoderDecoder.decode,
-                               decode=decode, mutable=["cache"] if decode else False)
+  def _decode(self, variables: dict, context: tuple[Array, Array], tokens: Array, valid: Array | None = None,
+              decode: bool = False):
+    """The decoder over tokens [rows, n], cross-attending to the context -> ((logits, auxes), mutated).
 
-    if use_cache:
-      shapes = jax.eval_shape(lambda: apply_decoder({"params": params}, jnp.zeros((batch_size, length), jnp.int32),
-                                                    decode=True))[1]["cache"]
+    With decode=True the KV cache in variables["cache"] is read and written (mutated = {"cache": ...}).
+    """
+    encoded, enc_tokens = context
+    return self.module.apply(variables, encoded, enc_tokens, tokens, valid, method=EncoderDecoder.decode,
+                             decode=decode, mutable=["cache"] if decode else False)
 
-      def step(tokens, cache, i):
-        (logits, _), mutated = apply_decoder({"params": params, "cache": cache}, tokens, decode=True)
-        return logits[:, 0], mutated["cache"]
+  def decode_start(self, params: Params, batch: Batch, max_decode_length: int,
+                   num_copies: int = 1) -> tuple[Array, DecodeState]:
+    """Encodes once, makes a zero KV cache of max_decode_length slots per row and copy, feeds the start token.
 
-      state = _zeros_like_shapes(shapes)
-    else:
-      def step(tokens, buf, i):
-        buf = buf.at[:, i].set(tokens[:, 0])
-        valid = jnp.broadcast_to(jnp.arange(length)[None] <= i, buf.shape)
-        logits, _ = apply_decoder({"params": params}, buf, valid)
-        return logits[:, i], buf
+    The start token (PAD_ID) runs on all batch * num_copies rows, as every later step does, so that MoE
+    routing groups the same rows at every step.
+    """
+    context = self._encode(params, batch, num_copies)
+    rows = context[1].shape[0]
+    shapes = jax.eval_shape(lambda: self._decode({"params": params}, context,
+                                                 jnp.zeros((rows, max_decode_length), jnp.int32),
+                                                 decode=True))[1]["cache"]
+    start = jnp.full((rows, 1), PAD_ID, jnp.int32)  # [rows, 1] the decoder's start token
+    return self.decode_step(params, start, DecodeState(_zeros_like_shapes(shapes), context), -1)
 
-      state = jnp.zeros((batch_size, length), jnp.int32)
-    first = jnp.zeros((batch_size,), jnp.int32)  # the decoder's start token
-    return decoding.decode_loop(step, state, first, length, cfg, rng)
+  def decode_step(self, params: Params, tokens: Array, state: DecodeState,
+                  index: Array | int) -> tuple[Array, DecodeState]:
+    """One token per row through the decoder's KV cache (cross-attending to the encoder output)."""
+    del index  # the KV cache keeps its own write position
+    (logits, _), mutated = self._decode({"params": params, "cache": state.cache}, state.context, tokens,
+                                        decode=True)  # logits [rows, 1, vocab]
+    return logits[:, 0], DecodeState(mutated["cache"], state.context)
+
+  def reference_start(self, params: Params, batch: Batch, max_decode_length: int,
+                      num_copies: int = 1) -> tuple[Array, DecodeState]:
+    """Encodes once; the state's buffer holds max_decode_length decoder tokens, the start token first."""
+    context = self._encode(params, batch, num_copies)
+    rows = context[1].shape[0]
+    buffer = _reference_buffer(jnp.zeros((rows, max_decode_length), jnp.int32),
+                               jnp.zeros((rows, max_decode_length), jnp.bool_), 0)
+    start = jnp.full((rows, 1), PAD_ID, jnp.int32)  # [rows, 1] the decoder's start token
+    return self.reference_step(params, start, DecodeState(buffer, context), -1)
+
+  def reference_step(self, params: Params, tokens: Array, state: DecodeState,
+                     index: Array | int) -> tuple[Array, DecodeState]:
+    """Writes the tokens into the buffer and reruns the decoder over all of it (no cache)."""
+    del index  # the buffer keeps its own write position
+    buffer, pos = _reference_write(state.cache, tokens)
+    logits, _ = self._decode({"params": params}, state.context, buffer["tokens"], buffer["valid"])
+    return jax.lax.dynamic_index_in_dim(logits, pos, axis=1, keepdims=False), DecodeState(buffer, state.context)
 
 
 class DecoderOnlyModel(BaseModel):
@@ -240,44 +318,55 @@ class DecoderOnlyModel(BaseModel):
     use_prefix = prefix is not None or self.config.prefix_lm
     return aligned.astype(jnp.int32), valid, (valid if use_prefix else None)
 
-  def _predict(self, params, batch, rng, cfg, use_cache):
-    if cfg.method == "beam":
-      from stmoe import beam_search
-      return beam_search.decoder_only_beam_search(self, params, batch, cfg)
-    prompt, valid, prefix = self._prompt(batch)
-    batch_size, width = prompt.shape
-    length = cfg.max_decode_length or width
-    total = width + length
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    if use_cache:
-      def apply(variables, tokens, valid_, prefix_):
-        return self.module.apply(variables, tokens, valid_, None, prefix_, decode=True, mutable=["cache"])
+  def _apply_cached(self, variables: dict, tokens: Array, valid: Array | None, prefix: Array | None):
+    """The network over tokens [rows, n] reading and writing the KV cache (-> ((logits, auxes), mutated))."""
+    return self.module.apply(variables, tokens, valid, None, prefix, decode=True, mutable=["cache"])
 
-      shapes = jax.eval_shape(lambda: apply({"params": params}, jnp.zeros((batch_size, total), jnp.int32),
-                                            None, None))[1]["cache"]
-      (logits, _), mutated = apply({"params": params, "cache": _zeros_like_shapes(shapes)}, prompt, valid, prefix)
-      first = decoding.pick_next(logits[:, -1], cfg, jax.random.fold_in(rng, 0))
+  def decode_start(self, params: Params, batch: Batch, max_decode_length: int,
+                   num_copies: int = 1) -> tuple[Array, DecodeState]:
+    """Right-aligns the prompts (_prompt) and prefills them in one call, at batch size.
 
-      def step(tokens, cache, i):
-        (logits, _), mutated = apply({"params": params, "cache": cache}, tokens, None, None)
-        return logits[:, 0], mutated["cache"]
+    The KV cache has prompt width + max_decode_length slots; it and the last prompt position's logits are
+    then repeated for the copies (the prompt is computed once, not once per beam).
+    """
+    prompt, valid, prefix = self._prompt(batch)  # [batch, width]
+    rows, width = prompt.shape
+    shapes = jax.eval_shape(lambda: self._apply_cached(
+        {"params": params}, jnp.zeros((rows, width + max_decode_length), jnp.int32), None, None))[1]["cache"]
+    (logits, _), mutated = self._apply_cached({"params": params, "cache": _zeros_like_shapes(shapes)}, prompt,
+                                              valid, prefix)  # logits [batch, width, vocab]
+    first_logits, cache = _copies((logits[:, -1], mutated["cache"]), num_copies)
+    return first_logits, DecodeState(cache)
 
-      rest = decoding.decode_loop(step, mutated["cache"], first, length - 1, cfg, rng, index_offset=1,
-                                  done=first == cfg.eos_id)
-      return jnp.concatenate([first[:, None], rest], axis=1)
+  def decode_step(self, params: Params, tokens: Array, state: DecodeState,
+                  index: Array | int) -> tuple[Array, DecodeState]:
+    """One token per row through the KV cache, after the prefilled prompt."""
+    del index  # the KV cache keeps its own write position
+    (logits, _), mutated = self._apply_cached({"params": params, "cache": state.cache}, tokens, None, None)
+    return logits[:, 0], DecodeState(mutated["cache"], state.context)
 
-    buf_valid_prompt = jnp.concatenate([valid, jnp.zeros((batch_size, length), jnp.bool_)], axis=1)
-    full_prefix = None if prefix is None else jnp.concatenate([prefix, jnp.zeros((batch_size, length), jnp.bool_)], 1)
+  def reference_start(self, params: Params, batch: Batch, max_decode_length: int,
+                      num_copies: int = 1) -> tuple[Array, DecodeState]:
+    """The right-aligned prompts followed by max_decode_length empty slots, in one token buffer.
 
-    def step(tokens, buf, i):
-      pos = width - 1 + i
-      buf = jax.lax.dynamic_update_slice(buf, tokens, (0, pos))
-      valid_ = jnp.logical_or(buf_valid_prompt, (jnp.arange(total)[None] >= width) & (jnp.arange(total)[None] <= pos))
-      logits, _ = self.module.apply({"params": params}, buf, valid_, None, full_prefix)
-      return jax.lax.dynamic_index_in_dim(logits, pos, axis=1, keepdims=False), buf
+    The first logits come from a full pass over the prompt (its last token is rewritten in place); the
+    context is the prefix-LM mask over the whole buffer, or None.
+    """
+    prompt, valid, prefix = _copies(self._prompt(batch), num_copies)  # [rows, width]
+    rows, width = prompt.shape
+    tail = jnp.zeros((rows, max_decode_length), jnp.bool_)
+    buffer = _reference_buffer(jnp.concatenate([prompt, jnp.zeros((rows, max_decode_length), jnp.int32)], 1),
+                               jnp.concatenate([valid, tail], 1), width - 1)  # [rows, width + length]
+    full_prefix = None if prefix is None else jnp.concatenate([prefix, tail], 1)
+    return self.reference_step(params, prompt[:, -1:], DecodeState(buffer, full_prefix), -1)
 
-    buf = jnp.concatenate([prompt, jnp.zeros((batch_size, length), jnp.int32)], axis=1)
-    return decoding.decode_loop(step, buf, prompt[:, -1], length, cfg, rng)
+  def reference_step(self, params: Params, tokens: Array, state: DecodeState,
+                     index: Array | int) -> tuple[Array, DecodeState]:
+    """Writes the tokens into the buffer and reruns the network over prompt and generated tokens (no cache)."""
+    del index  # the buffer keeps its own write position
+    buffer, pos = _reference_write(state.cache, tokens)
+    logits, _ = self.module.apply({"params": params}, buffer["tokens"], buffer["valid"], None, state.context)
+    return jax.lax.dynamic_index_in_dim(logits, pos, axis=1, keepdims=False), DecodeState(buffer, state.context)
 
 
 @gin.configurable

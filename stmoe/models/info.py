@@ -10,10 +10,7 @@ weighted sums over the full key length, and the output projection; training = 3x
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import sys
 from collections import defaultdict
 from typing import Any
 
@@ -128,25 +125,3 @@ def format_table(model: BaseModel, facts: ModelFacts) -> str:
     lines.append(f"{role}: {n} layers, sparse at {list(sparse_layers(cfg, role)) or 'none'}")
   lines.append(f"(FLOPs at inputs_length={facts.inputs_length}, targets_length={facts.targets_length})")
   return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-  from stmoe import gin_utils
-  parser = argparse.ArgumentParser(prog="stmoe info", description=__doc__.splitlines()[0])
-  gin_utils.add_gin_flags(parser)
-  parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-  parser.add_argument("--inputs_length", type=int, default=512)
-  parser.add_argument("--targets_length", type=int, default=114)
-  args, gin_bindings = gin_utils.parse_known_gin_args(parser, argv)
-  gin_utils.parse_gin(args.gin_file, gin_bindings, args.gin_search_paths)
-  model = gin_utils.configured_model()
-  facts = model_facts(model, args.inputs_length, args.targets_length)
-  if args.json:
-    print(json.dumps(facts.to_json(), indent=1))
-  else:
-    print(format_table(model, facts))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))

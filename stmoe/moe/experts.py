@@ -6,26 +6,22 @@ Parameters (names are part of the checkpoint / HF-conversion contract):
 
 How tokens reach the experts is not this module's business: the caller passes a ``matmul(x, w)``
 that multiplies its token layout by the stacked weights (a batched einsum over capacity buffers, or
-a grouped matmul over expert-sorted rows), see stmoe/moe/dispatch.py.
+a grouped matmul over expert-sorted rows), see stmoe/moe/dispatch.py. The hidden layer itself is the
+dense MLP's (:func:`stmoe.layers.mlp.gated_hidden`) with a leading expert dim on the weights.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=True),  # T5's gelu_new (tanh approximation)
-    "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "linear": lambda x: x,
-}
+from stmoe.layers.activations import ACTIVATIONS  # re-exported: the one activation table
+from stmoe.layers.mlp import gated_hidden
+
+__all__ = ["ACTIVATIONS", "Experts", "MatMul"]
 
 MatMul = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -52,12 +48,12 @@ class Experts(nn.Module):
     e, f = self.num_experts, self.d_ff
     x = x.astype(self.dtype)
     wi_axes, wo_axes = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
-    names = ("wi",) if len(self.activations) == 1 else tuple(f"wi_{i}" for i in range(len(self.activations)))
-    hidden = None
-    for name, act in zip(names, self.activations):
+
+    def project(name: str) -> jax.Array:
       w = self.param(name, nn.with_logical_partitioning(_kernel_init(-2, -1), wi_axes), (e, embed, f), jnp.float32)
-      h = ACTIVATIONS[act](matmul(x, w.astype(self.dtype)))  # [..., mlp]
-      hidden = h if hidden is None else hidden * h
+      return matmul(x, w.astype(self.dtype))  # [..., mlp]
+
+    hidden = gated_hidden(self.activations, project)  # [..., mlp]
     if self.dropout_rate > 0:
       hidden = nn.Dropout(rate=self.dropout_rate)(hidden, deterministic=deterministic)
     wo = self.param("wo", nn.with_logical_partitioning(_kernel_init(-2, -1), wo_axes), (e, f, embed), jnp.float32)

@@ -102,7 +102,8 @@ class MoeLayer(nn.Module):
   Attributes:
     config: routing / capacity / dispatch / expert settings.
     dtype: activation dtype (params are float32; router math always float32).
-    causal: True in decoders; rejects routers that look at future tokens (expert choice, BPR).
+    causal: True in decoders; the router then rejects routing that looks at future tokens (expert choice,
+      batch-prioritized routing; see stmoe.config.check_router_allowed).
   """
 
   config: MoeConfig
@@ -114,9 +115,6 @@ class MoeLayer(nn.Module):
                deterministic: bool) -> tuple[jax.Array, MoeAux]:
     """x [batch, length, embed], padding_mask [batch, length] (1 real / 0 pad) -> (y like x, MoeAux)."""
     cfg = self.config
-    if self.causal and cfg.router_type == "expert_choice":
-      raise ValueError("Expert-choice routing is encoder-only: each expert ranks all tokens of a group, which "
-                       "leaks future tokens in a decoder (causal=True). Use router_type='tokens_choose'.")
     if cfg.dispatch in ("dropless", "grouped") and cfg.router_type == "expert_choice":
       raise ValueError("Expert-choice routing has a fixed per-expert capacity by construction; use "
                        f"dispatch='sort' or 'einsum' with it, not {cfg.dispatch!r}.")

@@ -18,7 +18,7 @@ combine weight. Expert-choice uses ``k = num_experts`` (choice ``e`` is "expert 
 uses ``k = num_selected_groups * num_selected_experts`` over the flat expert index ``i * b + j``.
 
 Router math is float32 whatever the activation dtype (ST-MoE section 3: bfloat16 router logits
-are unstable).
+are unstable); ``MoeConfig.router_dtype`` states this and accepts only "float32".
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from stmoe.config import MoeConfig
+from stmoe.config import MoeConfig, check_router_allowed
 
 _F32 = jnp.float32
 
@@ -462,6 +462,8 @@ class Router(nn.Module):
   ``i*b .. i*b + b - 1``, b = experts per group) and adds the primary network ``w_primary`` and
   ``w_primary_noise [embed, expert_groups]``. Multiplicative jitter U(1-eps, 1+eps) is applied to the
   router input only, in training only. Every random draw comes from the "dropout" rng stream.
+  With ``causal=True`` (decoder layers) routers that look at future tokens are rejected
+  (:func:`stmoe.config.check_router_allowed`).
   """
 
   config: MoeConfig
@@ -472,6 +474,7 @@ class Router(nn.Module):
                deterministic: bool) -> RouterOutput:
     """tokens [groups, group_size, embed] (any dtype), padding_mask [groups, group_size]."""
     cfg = self.config
+    check_router_allowed(cfg, causal=self.causal)
     x = tokens.astype(_F32)  # [g, t, d]
     embed, experts = x.shape[-1], cfg.num_experts
     if cfg.jitter_noise > 0 and not deterministic:
@@ -481,9 +484,6 @@ class Router(nn.Module):
     logits = jnp.einsum("gtd,de->gte", x, w, precision=jax.lax.Precision.HIGHEST)  # [g, t, e]
 
     if cfg.router_type == "tokens_choose":
-      if cfg.batch_prioritized_routing and self.causal:
-        raise ValueError("Batch prioritized routing orders tokens by router confidence, which leaks the "
-                         "future in a decoder (causal=True); set MoeConfig.batch_prioritized_routing=False.")
       uniform = None
       if not deterministic and cfg.second_expert_policy != "all" and cfg.num_selected_experts == 2:
         uniform = jax.random.uniform(self.make_rng("dropout"), logits.shape[:2], _F32)
@@ -494,9 +494,6 @@ class Router(nn.Module):
           batch_prioritized=cfg.batch_prioritized_routing, load_balance_count=cfg.load_balance_count,
           uniform=uniform)
     if cfg.router_type == "expert_choice":
-      if self.causal:
-        raise ValueError("Expert-choice routing looks at every token of a group at once, so it leaks future "
-                         "tokens in a decoder (causal=True); use router_type='tokens_choose' there.")
       return expert_choice(logits, padding_mask, capacity=capacity)
 
     def noise_std(name: str, n: int) -> jax.Array:  # [g, t, n] softplus(x W_noise) * noise scale

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 import gin
 
+from stmoe.checkpoints import resolve as resolve_lib
 from stmoe.training import optimizers as opt_lib
 from stmoe.training.trainer import Callback, TrainContext
 
@@ -34,8 +35,8 @@ MOE_PARAM_REGEX = r"(^|/)moe/"
 # Everything else: a path that does not contain a `moe/` component.
 NON_MOE_PARAM_REGEX = r"^(?!(.*/)?moe/)"
 TRAINABLE_CHOICES = ("all", "non_moe", "moe_only")
-BEST_SUBDIR = "best"
-BEST_METRIC_FILE = "best_metric.json"
+BEST_SUBDIR = resolve_lib.BEST_SUBDIR  # MODEL_DIR/best: a step dir that stmoe.checkpoints.resolve knows
+BEST_METRIC_FILE = resolve_lib.BEST_METRIC_FILE
 
 
 def frozen_patterns_for(trainable: str) -> tuple[str, ...]:
@@ -143,7 +144,7 @@ class TaskEvalCallback(Callback):
 
   def evaluate(self, ctx: TrainContext, step: int) -> dict[str, float]:
     """Decodes the split with the current parameters and returns the task's metrics."""
-    from stmoe.training import task_eval
+    from stmoe.evaluation import task_metrics as task_eval
 
     result = task_eval.evaluate_task(ctx.model, ctx.state["params"], self._data(ctx),
                                      max_decode_length=self.task_feature_lengths.get("targets"), progress=False)
@@ -177,10 +178,8 @@ class TaskEvalCallback(Callback):
               "task": self.task, "split": self.split, "metrics": {k: float(v) for k, v in metrics.items()}}
     if ctx.is_chief and ctx.checkpoints is not None:
       ctx.checkpoints.wait()  # the async save of this step must be complete before it is copied
-      from stmoe import checkpoints as ckpt_lib
-
       step_dir = os.path.join(ctx.checkpoints.directory, str(step))
-      if not os.path.isdir(os.path.join(step_dir, ckpt_lib.STATE_ITEM)):
+      if not resolve_lib.is_step_dir(step_dir):
         log.warning("Checkpoint for step %d not found at %s; best checkpoint not updated.", step, step_dir)
         return
       replace_best(ctx.model_dir, step_dir, record)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
+from stmoe.partitioning import key_name
 from stmoe.training import schedules as schedules_lib
 
 # Logical axes that are "batch" dimensions for Adafactor's statistics: never factored across.
@@ -88,15 +89,8 @@ def adamw(learning_rate=1e-3, **kwargs) -> OptimizerDef:
 # Per-parameter facts from logical axes.
 
 
-def _key_name(k: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def _path(path) -> str:
-  return "/".join(_key_name(k) for k in path)
+  return "/".join(key_name(k) for k in path)
 
 
 def _is_spec(x) -> bool:

@@ -34,10 +34,13 @@ import numpy as np
 from jax.sharding import Mesh
 
 from stmoe import checkpoints as ckpt_lib
+from stmoe.checkpoints import resolve as resolve_lib
 from stmoe import partitioning
 from stmoe.errors import CheckpointMismatchError, TrainingDivergedError, UserError
 from stmoe.training import distributed
+from stmoe.evaluation.loss import EvalLoop
 from stmoe.training import layout
+from stmoe.training import setup as setup_lib
 from stmoe.training import inputs as inputs_lib
 from stmoe.training import metrics as metrics_lib
 from stmoe.training import optimizers as opt_lib
@@ -95,13 +98,7 @@ class TrainResult:
   model_dir: str
 
 
-def default_model():
-  """The gin-configured model (`make_model.config = @ModelConfig()` etc.)."""
-  from stmoe.models.api import make_model  # the model is built only when training starts
-
-  return make_model()
-
-
+default_model = setup_lib.default_model  # kept here for existing callers
 input_shapes_for = layout.input_shapes_for  # kept here for existing callers
 
 
@@ -214,9 +211,10 @@ def _all_finite(state: Any) -> jax.Array:
 
 def _restore_or_init(model: Any, tx: Any, spec: state_lib.StateSpec, mesh: Mesh, manager: ckpt_lib.CheckpointManager,
                      train_iter: Any, optimizer: opt_lib.OptimizerDef, input_shapes: Mapping[str, Any],
-                     random_seed: int, init_checkpoint: str | None, restore_optimizer_state: bool):
+                     random_seed: int, init_checkpoint: str | None, restore_optimizer_state: bool,
+                     upcycle_from: str | None = None):
   """(state, start_step, resumed): the newest readable checkpoint of MODEL_DIR, else a fresh (or
-  INIT_CHECKPOINT-initialised) state. Raises CheckpointMismatchError before anything is written."""
+  INIT_CHECKPOINT-initialised, or upcycled) state. Raises CheckpointMismatchError before anything is written."""
   restored = manager.restore_latest(spec.abstract)
   if restored is not None:
     start_step, state, data_state = restored
@@ -235,9 +233,27 @@ def _restore_or_init(model: Any, tx: Any, spec: state_lib.StateSpec, mesh: Mesh,
         f"({optimizer.frozen_patterns}): frozen parameters have no optimizer state, so the pretrained "
         f"state does not fit. Set RESTORE_OPTIMIZER_STATE=False (bind train.restore_optimizer_state) or "
         f"train all parameters (TRAINABLE_PARAMS='all').")
+  if upcycle_from:  # sparse upcycling: the dense checkpoint becomes step 0 of this sparse run
+    if init_checkpoint:
+      raise UserError("Set either INIT_CHECKPOINT (train.init_checkpoint) or train.upcycle_from, not both.")
+    from stmoe.checkpoints import upcycle as upcycle_lib
+
+    mode = "carry" if restore_optimizer_state else "reset"
+    state = upcycle_lib.upcycled_train_state(upcycle_from, model, optimizer, spec, optimizer_state=mode,
+                                             seed=random_seed)
+    if jax.process_index() == 0:
+      print(f"[train] Upcycled {upcycle_from} into the sparse model (optimizer state: {mode}).", flush=True)
+    return state, 0, False
   state = state_lib.init_train_state(model, tx, spec, mesh, random_seed, input_shapes)
   if init_checkpoint:
-    source = ckpt_lib.latest_step_dir(init_checkpoint)
+    try:
+      location = resolve_lib.resolve(init_checkpoint)
+    except FileNotFoundError as e:
+      raise UserError(f"INIT_CHECKPOINT: {e}") from None
+    if location.is_export:
+      raise UserError(f"INIT_CHECKPOINT {init_checkpoint!r} is an export directory; start from the training "
+                      "checkpoint it was exported from (its MODEL_DIR or a step directory).")
+    source = location.path
     if restore_optimizer_state:
       state, _ = ckpt_lib.restore_train_state(source, spec.abstract)
       what = "parameters, optimizer state and step"
@@ -251,7 +267,53 @@ def _restore_or_init(model: Any, tx: Any, spec: state_lib.StateSpec, mesh: Mesh,
   return state, int(jax.device_get(state["step"])), False
 
 
-@gin.configurable(denylist=["mesh", "callbacks"])
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """Where batches come from: a task (or mixture) through an input function, at fixed lengths and batch."""
+
+  mixture_or_task_name: str | None
+  task_feature_lengths: Mapping[str, int]
+  batch_size: int  # global, over all processes
+  input_fn: Callable[..., Any] = inputs_lib.seqio_input
+  eval_input_fn: Callable[..., Any] | None = None  # default: input_fn
+  eval_split: str = "validation"
+  seed: int = 0
+
+  def open(self, model_type: str, *, train: bool) -> Any:
+    """This process's iterator over the train split (shuffled, repeating) or the eval split (one pass)."""
+    shard_id, num_shards = partitioning.process_batch_slice(self.batch_size)
+    fn = self.input_fn if train else (self.eval_input_fn or self.input_fn)
+    return fn(self.mixture_or_task_name, self.task_feature_lengths, self.batch_size,
+              split="train" if train else self.eval_split, model_type=model_type, shuffle=train, seed=self.seed,
+              shard_id=shard_id, num_shards=num_shards, repeat=train)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+  """How long to train and how often to log, evaluate and checkpoint."""
+
+  train_steps: int  # total, counting the steps of a resumed checkpoint
+  log_period: int = 100
+  eval_period: int = 0  # 0: never
+  eval_steps: int = 10
+  checkpoint_period: int = 1000
+  keep_checkpoints: int | None = 3
+  async_checkpointing: bool = True
+  num_microbatches: int = 1
+  progress: bool = True
+  step_timeout_s: float | None = 900.0
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSpec:
+  """What a run with no checkpoint of its own starts from (fine-tuning: a pretrained checkpoint)."""
+
+  checkpoint: str | None = None
+  restore_optimizer_state: bool = False
+  upcycle_from: str | None = None  # a dense checkpoint to upcycle (stmoe.checkpoints.upcycle)
+
+
+@gin.configurable(denylist=["mesh", "callbacks", "compile_only"])
 def train(model: Any = None,
           *,
           model_dir: str = gin.REQUIRED,
@@ -275,14 +337,17 @@ def train(model: Any = None,
           eval_steps: int = 10,
           init_checkpoint: str | None = None,
           restore_optimizer_state: bool = False,
+          upcycle_from: str | None = None,
           callbacks: Sequence[Callback] = (),
           progress: bool = True,
-          step_timeout_s: float | None = 900.0) -> TrainResult:
+          step_timeout_s: float | None = 900.0,
+          compile_only: bool = False) -> TrainResult:
   """Train `model` (default: the gin-configured one) for `train_steps` steps in total, resuming if possible.
 
-  Nothing is written to MODEL_DIR until the whole configuration validated, the data source opened, the
-  vocabulary fits the model and an existing checkpoint restored (or none exists); see docs/training.md,
-  "What happens when things go wrong".
+  The gin-facing entry point (t5x's macros bind these arguments); it groups them into a DataSpec, a
+  LoopSpec and an InitSpec and calls `run_training`. Nothing is written to MODEL_DIR until the whole
+  configuration validated, the data source opened, the vocabulary fits the model and an existing
+  checkpoint restored (or none exists); see docs/training.md, "What happens when things go wrong".
 
   Args:
     model_dir: where checkpoints, metrics.jsonl, TensorBoard events and config.gin go (MODEL_DIR).
@@ -298,159 +363,182 @@ def train(model: Any = None,
     checkpoint_period, keep_checkpoints, log_period, eval_period (0 = never), eval_steps: as named.
     init_checkpoint: if MODEL_DIR has no checkpoint, load parameters from this one (fine-tuning);
       with restore_optimizer_state also its optimizer state, step and rng.
+    upcycle_from: if MODEL_DIR has no checkpoint, start the (sparse) model from this dense checkpoint (an
+      stmoe checkpoint or a HF T5 directory) by sparse upcycling (stmoe.checkpoints.upcycle): experts copy
+      the dense MLPs, routers start fresh, step 0; restore_optimizer_state=True carries the dense optimizer
+      state (expert slots repeated), False resets it. Exclusive with init_checkpoint.
     callbacks: Callback hooks.
     step_timeout_s: multi-process runs exit (status 3) if no step finishes in this many seconds (a dead
       peer must not hang the others); None disables the watchdog.
+    compile_only: instead of training, compile the train step ahead of time on `mesh` (which may be a TPU
+      topology described on a CPU host) and return the stmoe.training.aot.CompiledStep (`stmoe compile`).
+      Nothing is read or written.
   """
-  model = default_model() if model is None else model
+  if compile_only:
+    from stmoe.training import aot
+
+    return aot.compile_train_step(model if model is not None else setup_lib.default_model(),
+                                  mesh if mesh is not None else partitioning.make_mesh(), batch_size=batch_size,
+                                  task_feature_lengths=task_feature_lengths,
+                                  optimizer=optimizer or opt_lib.adafactor(), num_microbatches=num_microbatches,
+                                  model_type=model_type, seed=random_seed)
+  data = DataSpec(mixture_or_task_name, task_feature_lengths, batch_size, input_fn, eval_input_fn, eval_split,
+                  random_seed)
+  loop = LoopSpec(train_steps, log_period, eval_period, eval_steps, checkpoint_period, keep_checkpoints,
+                  async_checkpointing, num_microbatches, progress, step_timeout_s)
+  return run_training(model, model_dir=model_dir, data=data, loop=loop, optimizer=optimizer, mesh=mesh,
+                      model_type=model_type, init=InitSpec(init_checkpoint, restore_optimizer_state, upcycle_from),
+                      callbacks=callbacks)
+
+
+def run_training(model: Any, *, model_dir: str, data: DataSpec, loop: LoopSpec,
+                 optimizer: opt_lib.OptimizerDef | None = None, mesh: Mesh | None = None,
+                 model_type: str | None = None, init: InitSpec = InitSpec(),
+                 callbacks: Sequence[Callback] = ()) -> TrainResult:
+  """Validate, set up, restore or initialise, then run the loop (see the module docstring for the order)."""
+  model = setup_lib.default_model() if model is None else model
   mesh = partitioning.make_mesh() if mesh is None else mesh
   model_dir = os.path.abspath(os.path.expanduser(model_dir)) if model_dir else model_dir
-  _check_run_args(model_dir, train_steps, batch_size, num_microbatches, mesh, checkpoint_period, log_period)
-  partitioning.validate_mesh(mesh, getattr(model, "config", None), batch_size)
-  model_type = layout.resolve_model_type(model, model_type)
-  layout.check_feature_lengths(model_type, task_feature_lengths)
+  _check_run_args(model_dir, loop.train_steps, data.batch_size, loop.num_microbatches, mesh,
+                  loop.checkpoint_period, loop.log_period)
   optimizer = optimizer or opt_lib.adafactor()
-  is_chief = jax.process_index() == 0
-
-  shard_id, num_shards = partitioning.process_batch_slice(batch_size)
+  setup = setup_lib.setup_run(model, mesh, batch_size=data.batch_size,
+                              task_feature_lengths=data.task_feature_lengths, model_type=model_type,
+                              optimizer=optimizer, seed=data.seed)
   # The data source first: a missing task or a task that does not fit the model fails before compiling.
-  train_iter = input_fn(mixture_or_task_name, task_feature_lengths, batch_size, split="train",
-                        model_type=model_type, shuffle=True, seed=random_seed, shard_id=shard_id,
-                        num_shards=num_shards, repeat=True)
+  train_iter = data.open(setup.model_type, train=True)
   check_vocabulary(model, train_iter)
-  input_shapes = layout.input_shapes_for(model_type, batch_size, task_feature_lengths)
-  logical = model.params_logical_axes(input_shapes)
-  abstract_params = jax.eval_shape(
-      lambda: model.get_initial_variables(jax.random.PRNGKey(0), input_shapes, None)["params"])
-  tx = opt_lib.make_optimizer(optimizer, logical, abstract_params)
-  spec = state_lib.state_spec(model, tx, input_shapes, mesh, seed=random_seed)
-
-  in_mesh = lambda: partitioning.mesh_context(mesh)
-  manager = ckpt_lib.CheckpointManager(model_dir, keep=keep_checkpoints, async_save=async_checkpointing,
+  manager = ckpt_lib.CheckpointManager(model_dir, keep=loop.keep_checkpoints, async_save=loop.async_checkpointing,
                                        config_text=_operative_config)
-  state, start_step, resumed = _restore_or_init(model, tx, spec, mesh, manager, train_iter, optimizer,
-                                                input_shapes, random_seed, init_checkpoint,
-                                                restore_optimizer_state)
+  state, start_step, resumed = _restore_or_init(model, setup.tx, setup.spec, mesh, manager, train_iter, optimizer,
+                                                setup.input_shapes, data.seed, init.checkpoint,
+                                                init.restore_optimizer_state, init.upcycle_from)
   # Everything validated: from here on MODEL_DIR is written.
+  is_chief = jax.process_index() == 0
   if is_chief:
     os.makedirs(model_dir, exist_ok=True)
     write_run_config(model_dir, _operative_config(), keep_previous=True)
-
-  ctx = TrainContext(model=model, mesh=mesh, spec=spec, model_dir=model_dir, state=state, step=start_step,
+  ctx = TrainContext(model=model, mesh=mesh, spec=setup.spec, model_dir=model_dir, state=state, step=start_step,
                      start_step=start_step, is_chief=is_chief, checkpoints=manager)
-  writer = metrics_lib.MetricsWriter(model_dir, enabled=is_chief, resume_step=start_step if resumed else None)
-  bar = metrics_lib.ProgressBar(train_steps, start_step, enabled=progress and is_chief)
-  train_fn = step_lib.make_train_step(model.loss_fn, tx, optimizer.schedule, num_microbatches)
-  eval_fn = step_lib.make_eval_step(model.loss_fn)
-  finite_fn = jax.jit(_all_finite)
-  jitted_train = jitted_eval = None
-  losses: dict[int, float] = {}
-  last_scalars: dict[str, float] = {}
-  eval_scalars: dict[str, float] = {}
-  pending = _PendingMetrics()
-  period_tokens, period_t0 = 0, time.time()
-  config_rewritten = False
-  for cb in callbacks:
-    cb.on_train_start(ctx)
+  return _TrainLoop(ctx, setup, data, loop, optimizer, train_iter, resumed, callbacks).run()
 
-  def newest_good() -> str:
-    manager.wait()
-    kept = manager.all_steps()
+
+class _TrainLoop:
+  """The loop of one run: steps, metric flushes, the NaN guard, periodic evaluation and checkpoints."""
+
+  def __init__(self, ctx: TrainContext, setup: setup_lib.RunSetup, data: DataSpec, loop: LoopSpec,
+               optimizer: opt_lib.OptimizerDef, train_iter: Any, resumed: bool, callbacks: Sequence[Callback]):
+    self.ctx, self.setup, self.data, self.loop = ctx, setup, data, loop
+    self.train_iter, self.callbacks = train_iter, list(callbacks)
+    self.manager = ctx.checkpoints
+    self.writer = metrics_lib.MetricsWriter(ctx.model_dir, enabled=ctx.is_chief,
+                                            resume_step=ctx.start_step if resumed else None)
+    self.bar = metrics_lib.ProgressBar(loop.train_steps, ctx.start_step, enabled=loop.progress and ctx.is_chief)
+    self.train_fn = step_lib.make_train_step(ctx.model.loss_fn, setup.tx, optimizer.schedule, loop.num_microbatches)
+    self.jitted_train = None
+    self.eval_loop = EvalLoop(ctx.model, ctx.mesh, setup.param_shardings)
+    self.finite_fn = jax.jit(_all_finite)
+    self.pending = _PendingMetrics()
+    self.losses: dict[int, float] = {}
+    self.last_scalars: dict[str, float] = {}
+    self.eval_scalars: dict[str, float] = {}
+    self.period_tokens, self.period_t0 = 0, time.time()
+    self.config_rewritten = False
+
+  def newest_good(self) -> str:
+    self.manager.wait()
+    kept = self.manager.all_steps()
     if not kept:
       return "no checkpoint had been saved yet, so a rerun starts from the beginning."
-    return (f"the newest finite checkpoint is step {kept[-1]} in {manager.directory} (kept steps: "
+    return (f"the newest finite checkpoint is step {kept[-1]} in {self.manager.directory} (kept steps: "
             f"{', '.join(map(str, kept))}); a rerun resumes from it.")
 
-  def flush_metrics(step: int) -> None:
-    nonlocal period_tokens, period_t0, last_scalars
-    if not pending.fetch():
+  def flush_metrics(self, step: int) -> None:
+    if not self.pending.fetch():
       return
-    pending.check_finite(newest_good)
-    fetched = pending.items
+    self.pending.check_finite(self.newest_good)
+    fetched = self.pending.items
     for s, m in fetched:
-      losses[s] = m["loss"]
-    elapsed = max(time.time() - period_t0, 1e-9)
+      self.losses[s] = m["loss"]
+    elapsed = max(time.time() - self.period_t0, 1e-9)
     keys = fetched[-1][1].keys()
     scalars = {k: float(np.mean([m[k] for _, m in fetched if k in m])) for k in keys}
     scalars["learning_rate"] = fetched[-1][1].get("learning_rate", float("nan"))
-    scalars["tokens_per_second"] = period_tokens / elapsed
+    scalars["tokens_per_second"] = self.period_tokens / elapsed
     scalars["steps_per_second"] = len(fetched) / elapsed
-    writer.write(step, scalars)
-    last_scalars = scalars
-    for cb in callbacks:
-      cb.on_log(ctx, step, scalars)
-    pending.clear()
-    period_tokens, period_t0 = 0, time.time()
+    self.writer.write(step, scalars)
+    self.last_scalars = scalars
+    for cb in self.callbacks:
+      cb.on_log(self.ctx, step, scalars)
+    self.pending.clear()
+    self.period_tokens, self.period_t0 = 0, time.time()
 
-  def check_before_save(step: int) -> None:
+  def check_before_save(self, step: int) -> None:
     """The state about to be saved must be finite: this step's loss / grad norm and every parameter."""
-    pending.check_finite(newest_good)
-    if not bool(jax.device_get(finite_fn(ctx.state))):
+    self.pending.check_finite(self.newest_good)
+    if not bool(jax.device_get(self.finite_fn(self.ctx.state))):
       raise TrainingDivergedError(
           f"training diverged at step {step}: the parameters or optimizer state after step {step} are not "
-          f"finite (NaN/inf). Nothing from step {step} on was saved; {newest_good()} Lower the learning "
+          f"finite (NaN/inf). Nothing from step {step} on was saved; {self.newest_good()} Lower the learning "
           "rate, enable gradient clipping (OptimizerDef.max_grad_norm) or check the data, then resume.")
 
-  def run_eval(step: int) -> dict[str, float]:
-    nonlocal jitted_eval
-    make_eval = eval_input_fn or input_fn
-    it = make_eval(mixture_or_task_name, task_feature_lengths, batch_size, split=eval_split,
-                   model_type=model_type, shuffle=False, seed=random_seed, shard_id=shard_id,
-                   num_shards=num_shards, repeat=False)
-    totals: list[dict[str, float]] = []
-    with in_mesh():
-      for _, local in zip(range(eval_steps), it):
-        batch = partitioning.make_global_batch(local, mesh)
-        if jitted_eval is None:
-          jitted_eval = step_lib.jit_eval_step(eval_fn, spec.param_shardings,
-                                               step_lib.batch_shardings(mesh, batch), mesh)
-        totals.append(metrics_lib.to_python(jax.device_get(jitted_eval(ctx.state["params"], batch))))
-    if not totals:
-      return {}
-    scalars = {f"eval/{k}": float(np.mean([t[k] for t in totals])) for k in totals[0]}
-    writer.write(step, scalars)
-    for cb in callbacks:
-      cb.on_eval(ctx, step, scalars)
+  def evaluate(self, step: int) -> dict[str, float]:
+    it = self.data.open(self.setup.model_type, train=False)
+    scalars = self.eval_loop(self.ctx.state["params"], it, self.loop.eval_steps)
+    scalars.pop("eval/num_batches", None)
+    if scalars:
+      self.writer.write(step, scalars)
+      for cb in self.callbacks:
+        cb.on_eval(self.ctx, step, scalars)
     return scalars
 
-  step = start_step
-  watchdog = distributed.StepWatchdog(step_timeout_s if jax.process_count() > 1 else None)
-  try:
-    with in_mesh():
-      while step < train_steps:
-        local = next(train_iter)
-        batch = partitioning.make_global_batch(local, mesh)
-        if jitted_train is None:
-          jitted_train = step_lib.jit_train_step(train_fn, spec.shardings, step_lib.batch_shardings(mesh, batch),
-                                                 mesh)
-        ctx.state, metrics = jitted_train(ctx.state, batch)
-        step += 1
-        watchdog.pet(step)
-        ctx.step = step
-        pending.add(step, metrics)
-        period_tokens += _batch_tokens(batch)
-        if step % log_period == 0 or step == train_steps:
-          flush_metrics(step)
-          bar.update(step, last_scalars.get("loss"))
-          if is_chief and not config_rewritten:  # now every configurable of the step has been called
-            write_run_config(model_dir, _operative_config(), keep_previous=False)
-            config_rewritten = True
-        if eval_period and step % eval_period == 0:
-          eval_scalars = run_eval(step)
-        if step % checkpoint_period == 0 or step == train_steps:
-          check_before_save(step)
-          manager.save(step, ctx.state, {"train": train_iter.get_state()})
-          for cb in callbacks:
-            cb.on_checkpoint(ctx, step)
-        for cb in callbacks:
-          cb.on_step_end(ctx, step)
-      flush_metrics(step)
-  finally:
-    watchdog.close()
-    manager.close()
-    writer.close()
-    bar.close()
-  for cb in callbacks:
-    cb.on_train_end(ctx)
-  return TrainResult(state=ctx.state, step=step, start_step=start_step, losses=losses,
-                     last_scalars=last_scalars, eval_scalars=eval_scalars, model_dir=model_dir)
+  def train_step(self) -> None:
+    ctx, mesh = self.ctx, self.ctx.mesh
+    batch = partitioning.make_global_batch(next(self.train_iter), mesh)
+    if self.jitted_train is None:
+      self.jitted_train = step_lib.jit_train_step(self.train_fn, self.setup.spec.shardings,
+                                                  step_lib.batch_shardings(mesh, batch), mesh)
+    ctx.state, metrics = self.jitted_train(ctx.state, batch)
+    ctx.step += 1
+    self.pending.add(ctx.step, metrics)
+    self.period_tokens += _batch_tokens(batch)
+
+  def after_step(self, step: int) -> None:
+    loop, ctx = self.loop, self.ctx
+    if step % loop.log_period == 0 or step == loop.train_steps:
+      self.flush_metrics(step)
+      self.bar.update(step, self.last_scalars.get("loss"))
+      if ctx.is_chief and not self.config_rewritten:  # now every configurable of the step has been called
+        write_run_config(ctx.model_dir, _operative_config(), keep_previous=False)
+        self.config_rewritten = True
+    if loop.eval_period and step % loop.eval_period == 0:
+      self.eval_scalars = self.evaluate(step)
+    if step % loop.checkpoint_period == 0 or step == loop.train_steps:
+      self.check_before_save(step)
+      self.manager.save(step, ctx.state, {"train": self.train_iter.get_state()})
+      for cb in self.callbacks:
+        cb.on_checkpoint(ctx, step)
+    for cb in self.callbacks:
+      cb.on_step_end(ctx, step)
+
+  def run(self) -> TrainResult:
+    ctx = self.ctx
+    for cb in self.callbacks:
+      cb.on_train_start(ctx)
+    watchdog = distributed.StepWatchdog(self.loop.step_timeout_s if jax.process_count() > 1 else None)
+    try:
+      with partitioning.mesh_context(ctx.mesh):
+        while ctx.step < self.loop.train_steps:
+          self.train_step()
+          watchdog.pet(ctx.step)
+          self.after_step(ctx.step)
+        self.flush_metrics(ctx.step)
+    finally:
+      watchdog.close()
+      self.manager.close()
+      self.writer.close()
+      self.bar.close()
+    for cb in self.callbacks:
+      cb.on_train_end(ctx)
+    return TrainResult(state=ctx.state, step=ctx.step, start_step=ctx.start_step, losses=self.losses,
+                       last_scalars=self.last_scalars, eval_scalars=self.eval_scalars, model_dir=ctx.model_dir)

@@ -24,7 +24,8 @@ Rules (docs/training.md, "What happens when things go wrong"):
 Restores take an *abstract* target (``jax.ShapeDtypeStruct`` with ``.sharding``): orbax reads each shard
 straight onto its device, so a checkpoint written on one mesh restores onto any other (resharding).
 Public functions for other commands (fine-tuning, export, upcycling): :func:`restore_params`,
-:func:`restore_train_state`, :func:`latest_step_dir`, :func:`verify_integrity`, :func:`check_fits`.
+:func:`restore_train_state`, :func:`verify_integrity`, :func:`check_fits`; where a checkpoint lives is
+decided by :mod:`stmoe.checkpoints.resolve` alone.
 """
 
 from __future__ import annotations
@@ -41,11 +42,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from stmoe.checkpoints import resolve
+from stmoe.checkpoints.resolve import CHECKPOINTS_SUBDIR, STATE_ITEM
 from stmoe.errors import CheckpointMismatchError, CorruptCheckpointError
 
-STATE_ITEM = "state"
 DATA_ITEM = "data_state"
-CHECKPOINTS_SUBDIR = "checkpoints"
 QUARANTINE_SUBDIR = "corrupt_checkpoints"
 INTEGRITY_FILE = "stmoe_integrity.json"
 STEP_CONFIG_FILE = "config.gin"
@@ -57,33 +58,9 @@ class CheckpointWarning(UserWarning):
   """A checkpoint could not be used (corrupt or partial) and an older one was used instead."""
 
 
-def _is_step_dir(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, STATE_ITEM))
-
-
-def _step_dirs(directory: str) -> list[tuple[int, str]]:
-  """(step, path) of finalised step directories, oldest first (orbax tmp dirs have non-integer names)."""
-  if not os.path.isdir(directory):
-    return []
-  out = []
-  for name in os.listdir(directory):
-    if name.isdigit() and _is_step_dir(os.path.join(directory, name)):
-      out.append((int(name), os.path.join(directory, name)))
-  return sorted(out)
-
-
-def latest_step_dir(path: str) -> str:
-  """Resolve a MODEL_DIR, a checkpoints dir or a step dir to the step dir to read."""
-  path = os.path.abspath(os.path.expanduser(path))
-  if _is_step_dir(path):
-    return path
-  for directory in (os.path.join(path, CHECKPOINTS_SUBDIR), path):
-    steps = _step_dirs(directory)
-    if steps:
-      return steps[-1][1]
-  raise FileNotFoundError(
-      f"No checkpoint found at {path!r}: expected a MODEL_DIR with checkpoints/<step>/state, a checkpoints "
-      "directory or a step directory.")
+_is_step_dir = resolve.is_step_dir
+_step_dirs = resolve.step_dirs
+latest_step_dir = resolve.latest_step_dir
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -223,7 +200,8 @@ def check_fits(step_dir: str, abstract: Any, subtree: str | None = None, what: s
 # Reading.
 
 
-def _restore_args(abstract: Any) -> Any:
+def restore_args(abstract: Any) -> Any:
+  """orbax restore args that place each array with its target's sharding, shape and dtype."""
   return jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype)
       if getattr(a, "sharding", None) is not None else ocp.RestoreArgs(), abstract)
@@ -251,7 +229,7 @@ def restore_params(path: str, abstract_params: Any) -> Any:
     restored = ckptr.restore(
         os.path.join(step_dir, STATE_ITEM),
         args=ocp.args.PyTreeRestore(item={"params": abstract_params},
-                                    restore_args={"params": _restore_args(abstract_params)},
+                                    restore_args={"params": restore_args(abstract_params)},
                                     partial_restore=True))
   return restored["params"]
 
