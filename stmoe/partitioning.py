@@ -21,7 +21,6 @@ Everything here is plain functions; :func:`make_mesh` is gin-configurable throug
 from __future__ import annotations
 
 import contextlib
-import logging
 import dataclasses
 import math
 import re
@@ -34,6 +33,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from stmoe.errors import UserError
+from stmoe.platform import building_for
 
 MESH_AXES: tuple[str, str, str] = ("data", "expert", "model")
 
@@ -224,7 +224,8 @@ def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RUL
   Trace (and call) jitted functions inside this context: the model's activation constraints (e.g. the MoE
   expert buffers on ("expert", "expert_group", ...)) then pin shardings and XLA inserts the all-to-alls.
   """
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  platform = mesh.devices.flat[0].platform  # kernels follow the devices compiled for, not the host
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), building_for(platform):
     yield
 
 
@@ -232,7 +233,8 @@ def mesh_context(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RUL
 # Optimizer-state shardings follow the parameters they belong to.
 
 
-def _key_name(k: Any) -> str:
+def key_name(k: Any) -> str:
+  """The name of one pytree path entry: a dict key, an attribute name or a sequence index, as a string."""
   for attr in ("key", "name", "idx"):
     if hasattr(k, attr):
       return str(getattr(k, attr))
@@ -241,7 +243,7 @@ def _key_name(k: Any) -> str:
 
 def path_str(path: Sequence[Any]) -> str:
   """'encoder/layer_0/attention/query/kernel' for a pytree key path."""
-  return "/".join(_key_name(k) for k in path)
+  return "/".join(key_name(k) for k in path)
 
 
 def _spec_for_derived(param_shape: tuple[int, ...], param_spec: PartitionSpec,
@@ -271,11 +273,11 @@ def derived_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) 
   flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
   flat_s = jax.tree.leaves(param_shardings)
   for (path, p), s in zip(flat_p, flat_s):
-    param_info[tuple(_key_name(k) for k in path)] = (tuple(p.shape), s.spec)
+    param_info[tuple(key_name(k) for k in path)] = (tuple(p.shape), s.spec)
   max_len = max((len(k) for k in param_info), default=0)
 
   def leaf_sharding(path, x):
-    names = tuple(_key_name(k) for k in path)
+    names = tuple(key_name(k) for k in path)
     for n in range(min(max_len, len(names)), 0, -1):
       info = param_info.get(names[-n:])
       if info is not None:

@@ -166,3 +166,23 @@ def test_bf16_attention_with_dropout_matches_numpy_gradients():
   assert dbias.dtype == jnp.float32 and dq.dtype == jnp.bfloat16
   for name, w in want.items():  # bf16 operands and probabilities: a few bf16 ulps of the largest entry
     np.testing.assert_allclose(_np(got[name]), w, rtol=0, atol=4 * BF16_EPS * np.abs(w).max(), err_msg=name)
+
+
+def test_kernel_choice_follows_the_target_platform_not_the_host():
+  """Compiling for TPU from a CPU host (stmoe.platform, set by partitioning.mesh_context) must not trace
+  the CPU-only bf16 layout path (optimisation barriers, transposed copies) into the TPU program."""
+  import jax.numpy as jnp
+
+  from stmoe import platform
+  from stmoe.layers.matmul import matmul
+
+  a = jnp.ones((8, 16), jnp.bfloat16)
+  b = jnp.ones((16, 4), jnp.bfloat16)
+  def grad():  # a fresh function per trace (make_jaxpr caches by function; a real TPU mesh changes the key)
+    return lambda a, b: jax.grad(lambda a, b: matmul(a, b).astype(jnp.float32).sum(), argnums=(0, 1))(a, b)
+
+  on_cpu = str(jax.make_jaxpr(grad())(a, b))
+  with platform.building_for("tpu"):
+    on_tpu = str(jax.make_jaxpr(grad())(a, b))
+  assert "optimization_barrier" in on_cpu
+  assert "optimization_barrier" not in on_tpu and "custom_vjp" not in on_tpu

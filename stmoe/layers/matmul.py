@@ -14,7 +14,8 @@ Every heavy product of the model (projections, attention, experts, logits) goes 
   The custom VJP below writes each backward product in the accepted form, materialising the one
   transpose it needs (a copy of whichever operand is cheaper), and passes every operand row-major,
   behind an optimisation barrier so that XLA does not fold the copies back into the product.
-  On GPU/TPU the backends handle any layout, so the plain form is used there.
+  On GPU/TPU the backends handle any layout, so the plain form is used there. The platform is the one
+  the step is built for (stmoe.platform.target_platform: the mesh's devices), not the host's backend.
 
 Operands are ``a [..., M, K]`` and ``b [..., K, N]`` (or ``b [..., N, K]`` with ``transpose_b``) with
 identical leading batch dims.
@@ -28,6 +29,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from stmoe.platform import target_platform
 
 Array = jax.Array
 
@@ -57,7 +60,7 @@ def product(a: Array, b: Array, *, transpose_b: bool = False, out_dtype: Any = N
   """The forward product of :func:`matmul` without its custom gradient, for code that writes its own VJP
   (e.g. the dropless grouped matmul): float32 accumulation, CPU-fast operand layout for low precision."""
   out_dtype = a.dtype if out_dtype is None else out_dtype
-  if a.dtype == jnp.float32 or jax.default_backend() != "cpu":
+  if a.dtype == jnp.float32 or target_platform() != "cpu":
     return _raw(a, b, transpose_b, out_dtype)
   return _fast(a, b, transpose_b, out_dtype)
 
@@ -65,7 +68,7 @@ def product(a: Array, b: Array, *, transpose_b: bool = False, out_dtype: Any = N
 def product_contract_rows(x: Array, y: Array, out_dtype: Any = None) -> Array:
   """x [..., M, P]^T @ y [..., M, Q] -> [..., P, Q] (a weight gradient), with float32 accumulation."""
   out_dtype = x.dtype if out_dtype is None else out_dtype
-  if x.dtype == jnp.float32 or jax.default_backend() != "cpu":
+  if x.dtype == jnp.float32 or target_platform() != "cpu":
     batch = tuple(range(x.ndim - 2))
     return jax.lax.dot_general(x, y, (((x.ndim - 2,), (y.ndim - 2,)), (batch, batch)),
                                preferred_element_type=jnp.float32).astype(out_dtype)
@@ -131,7 +134,7 @@ def matmul(a: Array, b: Array, *, transpose_b: bool = False, out_dtype: Any = No
   out_dtype = a.dtype if out_dtype is None else out_dtype
   if a.dtype == jnp.float32:
     return jax.lax.dot_general(a, b, _dims(a.ndim, transpose_b)).astype(out_dtype)
-  if jax.default_backend() == "cpu":
+  if target_platform() == "cpu":
     return _cpu_matmul(a, b, transpose_b, jnp.dtype(out_dtype))
   return _raw(a, b, transpose_b, out_dtype)
 

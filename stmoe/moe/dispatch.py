@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from stmoe.layers.matmul import matmul, product, product_contract_rows
 from stmoe.moe.routing import RouterOutput
+from stmoe.platform import target_platform
 
 ExpertsFn = Callable[[jax.Array, Callable[[jax.Array, jax.Array], jax.Array]], jax.Array]
 
@@ -225,7 +226,7 @@ block_grouped_matmul.defvjp(_bgmm_fwd, _bgmm_bwd)
 
 def default_dropless_impl() -> str:
   """ragged_dot where it is fast (GPU/TPU); block-padded matmuls on CPU (ragged_dot is ~9x slower there)."""
-  return "blocked" if jax.default_backend() == "cpu" else "ragged"
+  return "blocked" if target_platform() == "cpu" else "ragged"
 
 
 def dispatch_dropless(x: jax.Array, route: RouterOutput, experts: ExpertsFn, num_experts: int,
