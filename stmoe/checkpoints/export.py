@@ -82,14 +82,17 @@ def configure_model(config_path: str | None, gin_files: Sequence[str] = (),
 
 
 def _single_device_abstract(model: Any, dtype: Any = None):
+  """The model's abstract parameters on one device (the shared run setup on a 1-device mesh), optionally
+  in another dtype (a bfloat16 export)."""
   import jax
 
-  from stmoe.training import layout
+  from stmoe import partitioning
+  from stmoe.training import setup as setup_lib
 
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  example = layout.input_shapes_for(layout.model_type_of(model), 1, {"inputs": 8, "targets": 8})
-  shapes = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), example)["params"])
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=sharding), shapes)
+  mesh = partitioning.make_mesh(1, 1, devices=jax.devices()[:1])  # explicit: gin's mesh bindings do not apply
+  setup = setup_lib.setup_run(model, mesh, batch_size=1, task_feature_lengths={"inputs": 8, "targets": 8})
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=a.sharding),
+                      setup.abstract_params)
 
 
 def _to_float32(params: Any) -> Any:
