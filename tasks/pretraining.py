@@ -9,6 +9,7 @@ import seqio
 from stmoe.data import preprocessors, settings, sources
 from stmoe.data.corpora import local_text
 from stmoe.data.corpora.fetch import DataUnavailableError
+from stmoe.data.corpora.news import NEWS_SPLITS, lee_news_documents
 from stmoe.data.corpora.shakespeare import shakespeare_documents
 from stmoe.data.corpora.wikipedia import wikipedia_documents
 from stmoe.data.seqio_vocab import output_features
@@ -31,6 +32,8 @@ def _text_documents(split: str) -> list[str]:
 SOURCES = {
     "shakespeare": lambda: sources.text_source(shakespeare_documents, ("train", "validation")),
     "wikipedia": lambda: sources.text_source(wikipedia_documents, ("train", "validation")),
+    # Out-of-domain evaluation text only (a 'validation' split): lee_news_lm etc.
+    "lee_news": lambda: sources.text_source(lee_news_documents, NEWS_SPLITS),
     "text": lambda: sources.text_source(_text_documents, ("train", "validation")),
     "c4": lambda: sources.CheckedTfdsDataSource(C4_TFDS_NAME, splits=("train", "validation")),
 }

