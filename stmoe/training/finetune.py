@@ -3,7 +3,7 @@
 ST-MoE (Zoph et al. 2022, section 4) fine-tunes sparse models with a constant learning rate, more dropout
 inside the experts than elsewhere, and found that updating only the non-MoE parameters works about as well
 as updating all of them (updating only the MoE parameters hurts). `frozen_patterns_for` turns the
-TRAINABLE_PARAMS switch ('all' | 'non_moe' | 'moe_only') into the regexes the optimizer freezes
+TRAINABLE_PARAMS switch ('all' | 'non_moe' | 'moe_only' | 'attention_only') into the regexes the optimizer freezes
 (`OptimizerDef.frozen_patterns`: frozen parameters get no update and no optimizer state).
 
 `TaskEvalCallback` decodes a task split with the task's own postprocessor and seqio metric functions
@@ -34,19 +34,24 @@ log = logging.getLogger(__name__)
 MOE_PARAM_REGEX = r"(^|/)moe/"
 # Everything else: a path that does not contain a `moe/` component.
 NON_MOE_PARAM_REGEX = r"^(?!(.*/)?moe/)"
-TRAINABLE_CHOICES = ("all", "non_moe", "moe_only")
+# Everything outside the attention blocks (self- and encoder-decoder attention): frozen by 'attention_only'.
+NON_ATTENTION_PARAM_REGEX = r"^(?!.*attention/)"
+TRAINABLE_CHOICES = ("all", "non_moe", "moe_only", "attention_only")
 BEST_SUBDIR = resolve_lib.BEST_SUBDIR  # MODEL_DIR/best: a step dir that stmoe.checkpoints.resolve knows
 BEST_METRIC_FILE = resolve_lib.BEST_METRIC_FILE
 
 
 def frozen_patterns_for(trainable: str) -> tuple[str, ...]:
-  """Regexes of the parameters to FREEZE so that only `trainable` ('all'|'non_moe'|'moe_only') train."""
+  """Regexes of the parameters to FREEZE so that only `trainable` ('all'|'non_moe'|'moe_only'|'attention_only')
+  train."""
   if trainable == "all":
     return ()
   if trainable == "non_moe":
     return (MOE_PARAM_REGEX,)
   if trainable == "moe_only":
     return (NON_MOE_PARAM_REGEX,)
+  if trainable == "attention_only":
+    return (NON_ATTENTION_PARAM_REGEX,)
   raise ValueError(f"TRAINABLE_PARAMS={trainable!r}: use one of {TRAINABLE_CHOICES}.")
 
 
