@@ -105,6 +105,27 @@ def test_rerun_resumes_and_foreign_configs_are_refused(fast_lm_dir, tmp_path, ca
   assert os.listdir(tmp_path) == ["mine.txt"]
 
 
+@pytest.mark.slow
+def test_fast_few_shot_priming_reuses_the_lms(fast_lm_dir, tmp_path):
+  out = str(tmp_path / "priming")
+  runs_before = _tree_digest(os.path.join(fast_lm_dir, "runs"))
+  assert cli.main(["reproduce", "few_shot_priming", "--fast", "--output_dir", out, "--no_progress",
+                   f"--gin.FewShotPriming.lm_dir='{fast_lm_dir}'"]) == 0
+  assert _tree_digest(os.path.join(fast_lm_dir, "runs")) == runs_before  # read, never retrained
+  assert not os.path.exists(os.path.join(out, "runs"))
+  with open(os.path.join(out, "results.json")) as f:
+    results = json.load(f)
+  rows = results["runs"]
+  assert {(r["arm"], r["k"]) for r in rows} == {(a, k) for a in ("moe", "dense") for k in (0, 1)}
+  for r in rows:
+    assert r["task"] == "shakespeare_cloze" and r["num_examples"] == 8 and 0.0 <= r["accuracy"] <= 1.0
+    assert r["chance"] == pytest.approx(0.25) and r["checkpoint"].endswith("/checkpoints/12")
+  assert "priming_accuracy.png" in results["plots"]
+  # An lm_dir without the runs: a clear error naming the command that makes them.
+  assert cli.main(["reproduce", "few_shot_priming", "--fast", "--output_dir", str(tmp_path / "p2"),
+                   f"--gin.FewShotPriming.lm_dir='{tmp_path}'"]) == 2
+
+
 def test_list_and_bad_names(capsys):
   assert cli.main(["reproduce", "--list"]) == 0
   listed = capsys.readouterr().out

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from stmoe.data.corpora.cloze import shakespeare_cloze_examples
+from stmoe.data.corpora.news import lee_news_documents
 from stmoe.data.corpora.polarity import rotten_tomatoes_examples
 from stmoe.data.corpora.shakespeare import SPLITS, shakespeare_documents, shakespeare_genre_examples
 from stmoe.data.corpora.wikipedia import wikipedia_documents
@@ -35,6 +37,12 @@ def split_sizes() -> list[SplitSize]:
     ex = shakespeare_genre_examples(split)
     sizes.append(SplitSize("shakespeare_genre (80-word passages)", split, len(ex),
                            sum(len(e["passage"]) for e in ex)))
+  for split in SPLITS:
+    ex = shakespeare_cloze_examples(split)
+    sizes.append(SplitSize("shakespeare_cloze (3-line contexts, 4 candidate lines)", split, len(ex),
+                           sum(len(e["context"]) + sum(map(len, e["candidates"])) for e in ex)))
+  docs = lee_news_documents("validation")
+  sizes.append(SplitSize("lee_news (news articles, evaluation only)", "validation", len(docs), sum(map(len, docs))))
   ex = rotten_tomatoes_examples()
   sizes.append(SplitSize("rotten_tomatoes_polarity (sentences)", "validation", len(ex),
                          sum(len(e["sentence"]) for e in ex)))
