@@ -124,7 +124,11 @@ class MoeConfig:
   d_ff: int = 1024  # hidden size of each expert MLP
   activations: tuple[Activation, ...] = ("relu",)  # ("gelu", "linear") = GEGLU experts (ST-MoE)
   # Grouping and capacity.
-  group_size: int = 512  # tokens per routing group (capacity is per group)
+  # Upper bound on the tokens of a routing group (capacity is per group; t5x's GROUP_SIZE). The layer derives the
+  # actual size from the token count and the devices holding the batch, so that groups split evenly over them
+  # (stmoe/moe/grouping.py, docs/routing.md "Token groups"); on one device it is group_size whenever that divides
+  # batch * length.
+  group_size: int = 512
   train_capacity_factor: float = 1.25
   eval_capacity_factor: float = 2.0
   capacity_convention: CapacityConvention = "stmoe"  # stmoe: round(cf*G/E); gshard: 2*ceil(G/E)
@@ -150,6 +154,12 @@ class MoeConfig:
   expert_dropout: float = 0.0  # dropout inside the expert MLPs (ST-MoE fine-tuning uses 0.2+)
   # Loss coefficients (applied by the model).
   aux_loss_coef: float = 1e-2
+  # Relative weights of the two terms of the noisy_top_k / hierarchical auxiliary loss:
+  # aux = importance_loss_weight * CV(importance)^2 + load_loss_weight * CV(load)^2, then times aux_loss_coef,
+  # so Shazeer et al. 2017's (w_importance, w_load) = aux_loss_coef * (importance_loss_weight, load_loss_weight).
+  # Other routers have no such terms: leave both at 1.
+  importance_loss_weight: float = 1.0
+  load_loss_weight: float = 1.0
   router_z_loss_coef: float = 1e-3
   # Extra dense MLP beside each sparse MLP (ST-MoE "dense-sparse" sandwich of Appendix B).
   extra_dense_mlp: bool = False
@@ -185,11 +195,24 @@ class MoeConfig:
           f"MoeConfig.num_expert_groups={self.num_expert_groups} / num_selected_groups={self.num_selected_groups} "
           f"only apply to router_type='hierarchical' (got {self.router_type!r}); set router_type='hierarchical' "
           "or leave both at 1.")
+    self._check_balance_weights()
     if self.capacity_convention == "absolute" and not self.expert_capacity:
       raise ValueError("MoeConfig.capacity_convention='absolute' needs MoeConfig.expert_capacity (slots per "
                        "expert per group).")
     if self.group_size < 1:
       raise ValueError(f"MoeConfig.group_size must be >= 1, got {self.group_size}.")
+
+  def _check_balance_weights(self) -> None:
+    weights = (self.importance_loss_weight, self.load_loss_weight)
+    if min(weights) < 0:
+      raise ValueError(
+          f"MoeConfig.importance_loss_weight={weights[0]} / load_loss_weight={weights[1]} must be >= 0 (they weight "
+          "the CV^2 terms of the noisy top-k auxiliary loss).")
+    if self.router_type not in ("noisy_top_k", "hierarchical") and weights != (1.0, 1.0):
+      raise ValueError(
+          f"MoeConfig.importance_loss_weight={weights[0]} / load_loss_weight={weights[1]} only apply to "
+          f"router_type='noisy_top_k' or 'hierarchical' (got {self.router_type!r}, whose auxiliary loss has no "
+          "importance and load terms); scale its loss with aux_loss_coef and leave both at 1.")
 
   def _check_hierarchical(self) -> None:
     a, e = self.num_expert_groups, self.num_experts

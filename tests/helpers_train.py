@@ -76,9 +76,12 @@ def mode_meshes(out_path: str) -> None:
   report = {"losses": {}, "specs": {}}
   finals = {}
   opt = optimizers.adafactor(learning_rate=0.05)
+  # Token groups of 8: each device's rows (16 encoder / 8 decoder tokens on 8 devices) hold whole groups, so
+  # every mesh routes the same groups as one device (stmoe/moe/grouping.py derives smaller groups from a
+  # larger bound on 8 devices, and capacity is per group).
   for name, (devices, e, m) in meshes.items():
     mesh = partitioning.make_mesh(e, m, devices=devices)
-    result = run_train(os.path.join(work, name), steps=4, mesh=mesh, optimizer=opt)
+    result = run_train(os.path.join(work, name), steps=4, mesh=mesh, optimizer=opt, model=tiny_model(group_size=8))
     report["losses"][name] = [result.losses[s] for s in sorted(result.losses)]
     wi = result.state["params"]["encoder"]["layer_1"]["moe"]["experts"]["wi"]
     q = result.state["params"]["encoder"]["layer_1"]["self_attention"]["query"]["kernel"]
@@ -91,7 +94,7 @@ def mode_meshes(out_path: str) -> None:
     devices, e, m = meshes[name]
     mesh = partitioning.make_mesh(e, m, devices=devices)
     result = run_train(os.path.join(work, name + "_bf16"), steps=4, mesh=mesh, optimizer=opt,
-                       model=tiny_model(dtype="bfloat16"))
+                       model=tiny_model(dtype="bfloat16", group_size=8))
     report["losses_bf16"][name] = [result.losses[s] for s in sorted(result.losses)]
   # Restore the (data=2, expert=4) checkpoint onto the (data=2, expert=2, model=2) mesh and onto 1 device.
   model = tiny_model()

@@ -121,8 +121,8 @@ def cv_squared(v):
   return v.var() / (v.mean() ** 2 + 1e-10)
 
 
-def noisy_top_k(clean, noise_std, mask, *, k, normal=None):
-  """Shazeer 2017: gates, and the importance + load auxiliary loss (averaged over groups)."""
+def noisy_top_k(clean, noise_std, mask, *, k, normal=None, w_importance=1.0, w_load=1.0):
+  """Shazeer 2017: gates, and the w_importance * importance + w_load * load auxiliary loss (averaged over groups)."""
   g_n, t_n, e_n = clean.shape
   mask = np.ones((g_n, t_n)) if mask is None else np.asarray(mask)
   dense = np.zeros((g_n, t_n, e_n))
@@ -145,7 +145,7 @@ def noisy_top_k(clean, noise_std, mask, *, k, normal=None):
             others = sorted([h[j] for j in range(e_n) if j != i], reverse=True)
             kth_excluding = others[k - 1]
             load[i] += normal_cdf((clean[g, t, i] - kth_excluding) / noise_std[g, t, i])
-    aux += cv_squared(importance) + cv_squared(load)
+    aux += w_importance * cv_squared(importance) + w_load * cv_squared(load)
   return dense, aux / g_n
 
 
@@ -223,12 +223,13 @@ def _noisy_top_k_token(clean, std, normal, k):
 
 
 def hierarchical(primary, primary_std, clean, std, mask, *, kp, ks, cap, renormalize="none",
-                 primary_normal=None, normal=None):
+                 primary_normal=None, normal=None, w_importance=1.0, w_load=1.0):
   """Shazeer 2017 Appendix B, one token at a time, with capacity slots as in tokens_choose.
 
   primary [G, T, a], clean [G, T, a, b]; the *_std / *_normal arrays are shaped alike (normal None: no noise).
   Returns (route dict of [G, T, kp*ks] arrays as tokens_choose, extras) with extras: importance and load
-  [G, a, b], importance_loss / load_loss [G] (CV^2 of each), aux (their sum averaged over groups), z.
+  [G, a, b], importance_loss / load_loss [G] (CV^2 of each), aux (w_importance * importance_loss + w_load *
+  load_loss, averaged over groups), z.
   """
   g_n, t_n, a, b = clean.shape
   k = kp * ks
@@ -290,7 +291,7 @@ def hierarchical(primary, primary_std, clean, std, mask, *, kp, ks, cap, renorma
       s = gate[g].sum(-1, keepdims=True)
       gate[g] = np.where(s > 0, gate[g] / np.where(s > 0, s, 1.0), 0.0)
   extras = dict(importance=importance, load=load, importance_loss=imp_loss, load_loss=load_loss,
-                aux=float((imp_loss + load_loss).mean()), z=(z_primary + z_secondary) / max(n_real, 1))
+                aux=float((w_importance * imp_loss + w_load * load_loss).mean()), z=(z_primary + z_secondary) / max(n_real, 1))
   return dict(expert=expert, gate=gate, pos=pos, kept=kept), extras
 
 
@@ -302,3 +303,47 @@ def check_route(out, want: dict) -> None:
   np.testing.assert_array_equal(np.asarray(out.expert_index), want["expert"])
   np.testing.assert_array_equal(np.where(kept, np.asarray(out.position), -1), want["pos"])
   np.testing.assert_allclose(np.asarray(out.combine_weights), want["gate"], atol=1e-6)
+
+
+def noisy_smooth_load(clean, noise_std, mask, *, k, normal=None):
+  """Shazeer 2017 eq. 8-10 over every real token of every group: sum_x P(x, i) (the 0/1 selection without noise)."""
+  g_n, t_n, e_n = clean.shape
+  mask = np.ones((g_n, t_n)) if mask is None else np.asarray(mask)
+  load = np.zeros(e_n)
+  for g in range(g_n):
+    for t in range(t_n):
+      if mask[g, t] <= 0:
+        continue
+      top, _, p = _noisy_top_k_token(clean[g, t], None if normal is None else noise_std[g, t],
+                                     None if normal is None else normal[g, t], k)
+      load += p if p is not None else np.isin(np.arange(e_n), top)
+  return load
+
+
+def cv(v) -> float:
+  """Coefficient of variation std / mean (population std); 0 for a zero mean."""
+  v = np.asarray(v, np.float64)
+  return float(v.std() / v.mean()) if v.mean() > 0 else 0.0
+
+
+def balance_metrics(expert, gate, routed, mask, num_experts) -> dict:
+  """Batch-level importance_cv, load_cv, max_mean_load of a route before capacity, one choice at a time.
+
+  expert, gate, routed: [G, T, k] (the choices, their gates, whether the router made them); mask [G, T].
+  """
+  importance, load = np.zeros(num_experts), np.zeros(num_experts)
+  g_n, t_n, k = expert.shape
+  for g in range(g_n):
+    for t in range(t_n):
+      for j in range(k):
+        if mask[g, t] > 0 and routed[g, t, j]:
+          importance[expert[g, t, j]] += gate[g, t, j]
+          load[expert[g, t, j]] += 1
+  return dict(importance_cv=cv(importance), load_cv=cv(load), max_mean_load=load.max() / load.mean())
+
+
+def logit_scale(logits, mask) -> dict:
+  """router_logsumexp (mean over real tokens) and router_max_abs_logit (max over real tokens) of [G, T, E] logits."""
+  real = np.asarray(mask) > 0
+  return dict(router_logsumexp=float(logsumexp(logits)[real].mean()),
+              router_max_abs_logit=float(np.abs(np.asarray(logits, np.float64))[real].max()))

@@ -245,12 +245,12 @@ _SHARDED_SCRIPT = r"""
 import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from stmoe.config import MoeConfig
 from stmoe.moe import MoeLayer
 rules = (("batch", ("data", "expert")), ("expert", "expert"), ("expert_group", "data"), ("mlp", None),
          ("embed", None), ("unmodeled", None), ("capacity", None), ("length", None))
-mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "expert"))
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "expert"), axis_types=(AxisType.Auto,) * 2)
 x = jax.random.normal(jax.random.PRNGKey(0), (8, 16, 8))
 for dispatch in ("einsum", "sort", "grouped", "dropless"):
   cfg = MoeConfig(num_experts=4, d_ff=16, group_size=16, dispatch=dispatch, train_capacity_factor=1.0)
@@ -259,7 +259,9 @@ for dispatch in ("einsum", "sort", "grouped", "dropless"):
   params = nn.unbox(boxed)
   want = layer.apply(params, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})[0]
   specs = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-  with mesh, nn.logical_axis_rules(rules):
+  # jax.set_mesh: flax applies the logical constraints, and the layer splits its groups over data x expert
+  # (8 devices x 16 tokens = 8 groups of 16, the same groups as unsharded).
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     sharded = jax.device_put(params, specs)
     assert sharded["params"]["experts"]["wi"].sharding.spec == P("expert", None, None)
     xs = jax.device_put(x, NamedSharding(mesh, P(("data", "expert"))))

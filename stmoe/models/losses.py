@@ -49,20 +49,30 @@ def first_argmax(logits: Array) -> Array:
   return jnp.min(jnp.where(logits == top, iota, logits.shape[-1]), axis=-1)
 
 
+# Scalar MoeAux fields reported as metrics (expert_fractions is per expert; smooth_load_cv only for the routers
+# that have a smooth load estimator, where every layer reports it).
+MOE_SCALAR_METRICS = ("auxiliary_loss", "router_z_loss", "fraction_tokens_left_behind", "expert_usage",
+                      "router_confidence", "importance_cv", "load_cv", "max_mean_load", "router_logsumexp",
+                      "router_max_abs_logit", "smooth_load_cv")
+
+
 def moe_losses_and_metrics(auxes: Mapping[str, Mapping[str, Any]], *, aux_loss_coef: float,
                            router_z_loss_coef: float) -> tuple[Array, dict[str, Array]]:
   """Sum of the weighted router losses (means over MoE layers) and every router metric.
 
   auxes: {"encoder"|"decoder": {"layer_i": MoeAux}}. Metric names follow t5x: experts/<name> is the mean over
-  all MoE layers; experts/<stack>/layer_<i>/<name> per layer, plus per-expert token fractions.
+  all MoE layers; experts/<stack>/layer_<i>/<name> per layer, plus per-expert token fractions. The mean over
+  layers is used for every metric, also for router_max_abs_logit and max_mean_load (a mean of per-layer maxima;
+  the per-layer keys hold each layer's own value).
   """
   layers = [(stack, name, aux) for stack, per_stack in auxes.items() for name, aux in per_stack.items()]
   if not layers:
     raise ValueError("The model has MoE layers but none returned router statistics; the auxiliary and router "
                      "z-losses would silently be 0. This is a bug in the stack wiring.")
   metrics: dict[str, Array] = {}
-  names = ("auxiliary_loss", "router_z_loss", "fraction_tokens_left_behind", "expert_usage", "router_confidence")
-  for key in names:
+  for key in MOE_SCALAR_METRICS:
+    if any(getattr(aux, key) is None for _, _, aux in layers):
+      continue
     values = jnp.stack([getattr(aux, key) for _, _, aux in layers])
     metrics[f"experts/{key}"] = jnp.mean(values)
     for stack, name, aux in layers:

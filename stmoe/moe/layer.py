@@ -1,7 +1,8 @@
 """MoeLayer: group -> route -> dispatch (einsum | sort | dropless) -> experts -> combine.
 
 The sparse replacement of a Transformer MLP. Tokens ``[batch, length, embed]`` are flattened and
-split into routing groups of ``MoeConfig.group_size`` tokens (capacity is per group); the router
+split into routing groups of at most ``MoeConfig.group_size`` tokens that split evenly over the devices
+holding the batch (stmoe/moe/grouping.py; capacity is per group); the router
 (submodule ``router``) decides slots and weights; the dispatch implementation chosen by
 ``MoeConfig.dispatch`` moves tokens to the experts (submodule ``experts``) and back. Dropped tokens
 and padding tokens output exactly zero (the model's residual connection carries them).
@@ -15,12 +16,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from stmoe.config import MoeConfig
 from stmoe.moe import dispatch as dispatch_lib
 from stmoe.moe.experts import Experts
-from stmoe.moe.routing import Router, RouterOutput, expert_capacity
+from stmoe.moe.grouping import group_tokens, token_group_shards, ungroup_tokens
+from stmoe.moe.metrics import MoeAux, aux_from_route
+from stmoe.moe.routing import Router, expert_capacity
 
 _F32 = jnp.float32
 _logged_notes: set[str] = set()
@@ -30,70 +32,6 @@ def _note_once(msg: str) -> None:
   if msg not in _logged_notes:
     _logged_notes.add(msg)
     logging.info(msg)
-
-
-@struct.dataclass
-class MoeAux:
-  """Per-layer router losses and metrics (scalars float32, averaged over the layer's real tokens).
-
-  auxiliary_loss: load-balancing loss (Switch; averaged over groups); for noisy top-k, importance +
-    load loss; 0 for expert choice (balanced by construction).
-  router_z_loss: mean over real tokens of logsumexp(router logits)^2.
-  fraction_tokens_left_behind: fraction of real tokens that got *no* expert at all (all of their
-    choices dropped, so the layer outputs zero for them). A token whose first choice was dropped but
-    whose second was kept is served and not counted.
-  expert_usage: kept (token, expert) assignments / buffer slots (num_experts * capacity * groups);
-    dropless counts group_size slots per expert per group.
-  router_confidence: mean over real tokens of the sum of their kept combine weights.
-  expert_fractions [experts]: fraction of real tokens with a kept assignment to each expert, counting
-    all k choices (sums to at most k).
-  """
-
-  auxiliary_loss: jax.Array  # []
-  router_z_loss: jax.Array  # []
-  fraction_tokens_left_behind: jax.Array  # []
-  expert_usage: jax.Array  # []
-  router_confidence: jax.Array  # []
-  expert_fractions: jax.Array  # [experts]
-
-
-def group_tokens(x: jax.Array, padding_mask: jax.Array | None, group_size: int) -> tuple[jax.Array, jax.Array, int]:
-  """[batch, length, embed] -> ([groups, G, embed], mask [groups, G], num_tokens).
-
-  G = group_size, or all tokens if there are fewer (one-token decoding). If the token count is not a
-  multiple of G, masked padding tokens fill the last group (logged once).
-  """
-  b, l, d = x.shape
-  n = b * l
-  tokens = x.reshape(n, d)  # [tokens, embed]
-  mask = jnp.ones((n,), _F32) if padding_mask is None else padding_mask.reshape(n).astype(_F32)
-  size = min(group_size, n)
-  extra = (-n) % size
-  if extra:
-    _note_once(f"MoeLayer: {n} tokens is not a multiple of group_size={size}; padding the last group with "
-               f"{extra} masked tokens (choose batch*length divisible by group_size to avoid this).")
-    tokens = jnp.pad(tokens, ((0, extra), (0, 0)))
-    mask = jnp.pad(mask, (0, extra))
-  groups = (n + extra) // size
-  return tokens.reshape(groups, size, d), mask.reshape(groups, size), n
-
-
-def aux_from_route(route: RouterOutput, mask: jax.Array, num_experts: int, slots_per_group: int) -> MoeAux:
-  """Layer metrics from the routing decision; `mask` [groups, G] float32 (1 real)."""
-  n_real = jnp.maximum(jnp.sum(mask), 1.0)
-  kept = route.kept.astype(_F32) * mask[..., None]  # [g, t, k]
-  served = jnp.max(kept, axis=-1)  # [g, t]
-  per_expert = jnp.sum(jax.nn.one_hot(route.expert_index, num_experts, dtype=_F32) * kept[..., None],
-                       axis=(0, 1, 2))  # [e]
-  groups = route.kept.shape[0]
-  return MoeAux(
-      auxiliary_loss=route.auxiliary_loss.astype(_F32),
-      router_z_loss=route.router_z_loss.astype(_F32),
-      fraction_tokens_left_behind=jnp.sum(mask - served) / n_real,
-      expert_usage=jnp.sum(kept) / (num_experts * slots_per_group * groups),
-      router_confidence=jnp.sum(route.combine_weights * kept) / n_real,
-      expert_fractions=per_expert / n_real,
-  )
 
 
 class MoeLayer(nn.Module):
@@ -119,9 +57,12 @@ class MoeLayer(nn.Module):
       raise ValueError("Expert-choice routing has a fixed per-expert capacity by construction; use "
                        f"dispatch='sort' or 'einsum' with it, not {cfg.dispatch!r}.")
     b, l, d = x.shape
-    tokens, mask, n = group_tokens(x, padding_mask, cfg.group_size)  # [g, G, d], [g, G]
+    tokens, mask, layout = group_tokens(x, padding_mask, cfg.group_size, token_group_shards(b))  # [g, G, d], [g, G]
+    _note_once(f"MoeLayer: {b} x {l} = {layout.num_tokens} tokens -> {layout.num_groups} groups of "
+               f"{layout.group_size} tokens (group_size bound {cfg.group_size}; groups split over "
+               f"{layout.num_shards} devices; {layout.padding} masked padding tokens). Capacity is per group.")
     tokens = nn.with_logical_constraint(tokens.astype(self.dtype), ("batch", None, "embed"))
-    group_size = tokens.shape[1]
+    group_size = layout.group_size
     if cfg.dispatch == "dropless" or cfg.router_type == "noisy_top_k":
       capacity = group_size  # nothing can drop: each expert appears at most once per token
     else:
@@ -142,5 +83,5 @@ class MoeLayer(nn.Module):
     else:
       y = dispatch_lib.DISPATCHERS[cfg.dispatch](tokens, route, run_experts, cfg.num_experts)  # [g, G, d]
     y = nn.with_logical_constraint(y, ("batch", None, "embed"))
-    y = y.reshape(-1, d)[:n].reshape(b, l, d).astype(self.dtype)
+    y = ungroup_tokens(y, layout, (b, l)).astype(self.dtype)
     return y, aux_from_route(route, mask, cfg.num_experts, capacity)

@@ -47,7 +47,17 @@ class RouterOutput:
   router_logits: jax.Array
   auxiliary_loss: jax.Array  # []: load-balancing loss (noisy top-k, hierarchical: importance + load loss)
   router_z_loss: jax.Array  # []: mean over real tokens of logsumexp(logits)^2
+  # What the router decided before capacity dropped anything (for the balance metrics of MoeAux):
+  routed: jax.Array  # [groups, tokens, k] bool: a choice the router made for a real token
+  gates: jax.Array  # [groups, tokens, k] float32: gate of each choice before dropping, 0 where not routed
+  # Scale of the raw router logits per token (the quantities the z-loss squares / bounds): logsumexp over
+  # experts and max |logit|; hierarchical: over its primary and every secondary gating network.
+  logit_logsumexp: jax.Array  # [groups, tokens] float32
+  logit_max_abs: jax.Array  # [groups, tokens] float32
   capacity: int = struct.field(pytree_node=False, default=0)  # slots per expert per group
+  # [experts] float32 or None: Shazeer's smooth load estimate over all the batch's real tokens (noisy_top_k:
+  # sum_x P(x, i); hierarchical: Load_H of eq. 14 with X = the whole batch); None for the other routers.
+  smooth_load: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,6 +70,12 @@ def _real_mask(padding_mask: jax.Array | None, shape: tuple[int, int]) -> jax.Ar
   if padding_mask is None:
     return jnp.ones(shape, _F32)
   return padding_mask.astype(_F32)
+
+
+def logit_scale(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per token: logsumexp over the last axis and max |logit| of float32 logits [g, t, e] -> [g, t] each."""
+  logits = logits.astype(_F32)
+  return jax.nn.logsumexp(logits, axis=-1), jnp.max(jnp.abs(logits), axis=-1)
 
 
 def router_z_loss(logits: jax.Array, padding_mask: jax.Array | None = None) -> jax.Array:
@@ -201,6 +217,7 @@ def tokens_choose_top_k(
     keep_second = uniform < gates[..., 1] / second_expert_threshold  # [g, t]
     routed = routed.at[..., 1].set(routed[..., 1] & keep_second)
 
+  gates_before_drop = gates * routed  # [g, t, k]
   token_order = None
   if batch_prioritized:
     # Highest top-1 probability first; stable, so ties keep token order. Padding goes last.
@@ -214,11 +231,13 @@ def tokens_choose_top_k(
     gates = jnp.where(denom > 0, gates / jnp.where(denom > 0, denom, 1.0), 0.0)
 
   mask = real.astype(_F32)
+  lse, max_abs = logit_scale(logits)  # [g, t] each
   return RouterOutput(
       expert_index=expert_index, position=position, kept=kept, combine_weights=gates,
       router_probs=probs, router_logits=logits,
       auxiliary_loss=load_balancing_loss(probs, expert_index, mask, load_balance_count),
-      router_z_loss=router_z_loss(logits, mask), capacity=capacity)
+      router_z_loss=router_z_loss(logits, mask), routed=routed, gates=gates_before_drop,
+      logit_logsumexp=lse, logit_max_abs=max_abs, capacity=capacity)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,7 +253,9 @@ def expert_choice(logits: jax.Array, padding_mask: jax.Array | None, *, capacity
   combine weight for that expert is the score. Padding tokens are never taken. In the token-major
   output, choice ``e`` of a token is expert ``e`` (k = num_experts) and ``position`` is the token's
   rank in that expert's buffer. Balanced by construction, so the auxiliary loss is 0; the z-loss
-  is reported as for the other routers. It looks at the whole group, so it is encoder-only.
+  is reported as for the other routers. It looks at the whole group, so it is encoder-only. The
+  experts' selections are the routing decision itself, so ``routed`` is ``kept`` (nothing is chosen
+  and then dropped).
   """
   logits = logits.astype(_F32)
   g, t, num_experts = logits.shape
@@ -252,10 +273,12 @@ def expert_choice(logits: jax.Array, padding_mask: jax.Array | None, *, capacity
   kept = position < capacity  # [g, t, e]
   expert_index = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), (g, t, num_experts))
   mask = real.astype(_F32)
+  lse, max_abs = logit_scale(logits)  # [g, t] each
   return RouterOutput(
       expert_index=expert_index, position=jnp.where(kept, position, 0), kept=kept,
       combine_weights=probs * kept, router_probs=probs, router_logits=logits,
-      auxiliary_loss=jnp.zeros((), _F32), router_z_loss=router_z_loss(logits, mask), capacity=capacity)
+      auxiliary_loss=jnp.zeros((), _F32), router_z_loss=router_z_loss(logits, mask),
+      routed=kept, gates=probs * kept, logit_logsumexp=lse, logit_max_abs=max_abs, capacity=capacity)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,18 +332,23 @@ def noisy_gating(clean_logits: jax.Array, noise_std: jax.Array, k: int,
 
 
 def noisy_top_k(clean_logits: jax.Array, noise_std: jax.Array, padding_mask: jax.Array | None, *,
-                num_selected: int, normal: jax.Array | None = None) -> RouterOutput:
+                num_selected: int, normal: jax.Array | None = None, importance_weight: float = 1.0,
+                load_weight: float = 1.0) -> RouterOutput:
   """Noisy top-k gating (Shazeer et al. 2017, eq. 3-5 and 6-10); no capacity, nothing dropped.
 
   Gates from :func:`noisy_gating`. Losses per group, averaged over groups:
   importance = CV(sum_x G(x))^2; load = CV(sum_x P(x, i))^2 in training and, without noise, CV of
   the number of tokens routed to each expert (Shazeer's evaluation-time load). The auxiliary loss is
-  importance + load (the paper's two coefficients are taken equal: ``MoeConfig.aux_loss_coef``).
+  ``importance_weight * importance + load_weight * load``; the model multiplies it by
+  ``MoeConfig.aux_loss_coef``, so the paper's (w_importance, w_load) = aux_loss_coef * (importance_weight,
+  load_weight).
 
   Args:
     clean_logits: [groups, tokens, experts] x W_g.
     noise_std: [groups, tokens, experts] softplus(x W_noise) * noise scale.
     normal: [groups, tokens, experts] N(0, 1) draws, or None (deterministic).
+    importance_weight, load_weight: relative weights of the two loss terms (MoeConfig.importance_loss_weight,
+      load_loss_weight).
   """
   clean = clean_logits.astype(_F32)
   g, t, num_experts = clean.shape
@@ -331,11 +359,13 @@ def noisy_top_k(clean_logits: jax.Array, noise_std: jax.Array, padding_mask: jax
   position, kept = _assign_slots(gating.index, routed, num_experts, capacity=t)
   importance = jnp.sum(gating.dense * real[..., None], axis=1)  # [g, e]
   load = jnp.sum(gating.load * real[..., None], axis=1)  # [g, e]
-  aux = jnp.mean(cv_squared(importance) + cv_squared(load))
+  aux = jnp.mean(importance_weight * cv_squared(importance) + load_weight * cv_squared(load))
+  lse, max_abs = logit_scale(clean)  # [g, t] each
   return RouterOutput(
       expert_index=gating.index, position=position, kept=kept, combine_weights=gating.gates * kept,
       router_probs=jax.nn.softmax(clean, axis=-1), router_logits=clean, auxiliary_loss=aux,
-      router_z_loss=router_z_loss(clean, real), capacity=t)
+      router_z_loss=router_z_loss(clean, real), routed=routed, gates=gating.gates * routed,
+      logit_logsumexp=lse, logit_max_abs=max_abs, capacity=t, smooth_load=jnp.sum(load, axis=0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,6 +414,8 @@ def hierarchical_noisy_top_k(
     renormalize: str = "none",
     primary_normal: jax.Array | None = None,
     normal: jax.Array | None = None,
+    importance_weight: float = 1.0,
+    load_weight: float = 1.0,
 ) -> RouterOutput:
   """Two-level noisy top-k gating (Shazeer et al. 2017, Appendix B, eq. 12-14).
 
@@ -397,11 +429,16 @@ def hierarchical_noisy_top_k(
   ``renormalize="after_drop"`` divides the kept weights by their sum ("before_drop" changes nothing:
   they already sum to 1).
 
-  Losses per group of tokens, averaged over groups: auxiliary_loss = CV(Importance_H)^2 +
-  CV(Load_H)^2 over all a * b experts (:func:`hierarchical_balance`; computed before capacity);
+  Losses per group of tokens, averaged over groups: auxiliary_loss = importance_weight *
+  CV(Importance_H)^2 + load_weight * CV(Load_H)^2 over all a * b experts (:func:`hierarchical_balance`;
+  computed before capacity);
   router_z_loss = z-loss of the primary logits + mean over expert groups of each secondary's z-loss.
   ``router_logits`` [.., a * b] is primary_i + log_softmax(secondary_i)_j, whose softmax
   (``router_probs``) is the noise-free dense probability softmax(primary)_i * softmax(secondary_i)_j.
+
+  ``router_logits`` is not a gating network's raw logits, so the logit-scale fields are taken over the
+  raw primary and secondary logits instead: ``logit_logsumexp`` is the mean of logsumexp over the token's
+  1 + a gating networks and ``logit_max_abs`` the max |logit| over all of them.
 
   Args:
     primary_logits, primary_noise_std: [groups, tokens, expert_groups] x W_primary and
@@ -409,6 +446,8 @@ def hierarchical_noisy_top_k(
     logits, noise_std: [groups, tokens, expert_groups, experts_per_group] the same for the secondary
       networks (group i's network is [..., i, :]).
     primary_normal, normal: N(0, 1) draws shaped like the logits, or None (deterministic).
+    importance_weight, load_weight: relative weights of the two loss terms (MoeConfig.importance_loss_weight,
+      load_loss_weight).
   """
   primary_clean = primary_logits.astype(_F32)
   clean = logits.astype(_F32)
@@ -428,20 +467,32 @@ def hierarchical_noisy_top_k(
 
   routed = jnp.broadcast_to(real[..., None] > 0, (g, t, kp * ks))  # [g, t, k]
   position, kept = _assign_slots(expert_index, routed, a * b, capacity)
+  weights_before_drop = weights
   weights = weights * kept  # [g, t, k]
   if renormalize == "after_drop":
     denom = jnp.sum(weights, axis=-1, keepdims=True)  # [g, t, 1]
     weights = jnp.where(denom > 0, weights / jnp.where(denom > 0, denom, 1.0), 0.0)
 
+  gates_before_drop = weights_before_drop * routed  # [g, t, k]
   importance, load = hierarchical_balance(primary, secondary, real)  # [g, a, b] each
-  aux = jnp.mean(cv_squared(importance.reshape(g, a * b)) + cv_squared(load.reshape(g, a * b)))
+  aux = jnp.mean(importance_weight * cv_squared(importance.reshape(g, a * b))
+                 + load_weight * cv_squared(load.reshape(g, a * b)))
+  # Load_H over the whole batch (eq. 14 with X = every real token), for the smooth_load_cv metric.
+  flat = lambda gates: jax.tree.map(lambda v: v.reshape((1, g * t) + v.shape[2:]), gates)
+  _, batch_load = hierarchical_balance(flat(primary), flat(secondary), real.reshape(1, g * t))  # [1, a, b]
   secondary_real = jnp.broadcast_to(real[..., None], (g, t, a)).reshape(g, t * a)  # [g, t*a]
   z_loss = router_z_loss(primary_clean, real) + router_z_loss(clean.reshape(g, t * a, b), secondary_real)
+  # Logit scale over the 1 + a gating networks of each token: mean logsumexp and max |logit|.
+  primary_lse, primary_max = logit_scale(primary_clean)  # [g, t] each
+  secondary_lse, secondary_max = logit_scale(clean)  # [g, t, a] each
+  lse = (primary_lse + jnp.sum(secondary_lse, axis=-1)) / (1 + a)  # [g, t]
+  max_abs = jnp.maximum(primary_max, jnp.max(secondary_max, axis=-1))  # [g, t]
   flat_logits = (primary_clean[..., None] + jax.nn.log_softmax(clean, axis=-1)).reshape(g, t, a * b)
   return RouterOutput(
       expert_index=expert_index, position=position, kept=kept, combine_weights=weights,
       router_probs=jax.nn.softmax(flat_logits, axis=-1), router_logits=flat_logits, auxiliary_loss=aux,
-      router_z_loss=z_loss, capacity=capacity)
+      router_z_loss=z_loss, routed=routed, gates=gates_before_drop, logit_logsumexp=lse,
+      logit_max_abs=max_abs, capacity=capacity, smooth_load=batch_load.reshape(a * b))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -505,7 +556,8 @@ class Router(nn.Module):
     if cfg.router_type == "noisy_top_k":
       normal = None if deterministic else jax.random.normal(self.make_rng("dropout"), logits.shape, _F32)
       return noisy_top_k(logits, noise_std("w_noise", experts), padding_mask,
-                         num_selected=cfg.num_selected_experts, normal=normal)
+                         num_selected=cfg.num_selected_experts, normal=normal,
+                         importance_weight=cfg.importance_loss_weight, load_weight=cfg.load_loss_weight)
     if cfg.router_type == "hierarchical":
       g, t = logits.shape[:2]
       a = cfg.num_expert_groups
@@ -521,7 +573,8 @@ class Router(nn.Module):
       return hierarchical_noisy_top_k(
           primary, primary_std, logits.reshape(g, t, a, b), std, padding_mask,
           num_selected_groups=cfg.num_selected_groups, num_selected=cfg.num_selected_experts,
-          capacity=capacity, renormalize=cfg.renormalize, primary_normal=primary_normal, normal=normal)
+          capacity=capacity, renormalize=cfg.renormalize, primary_normal=primary_normal, normal=normal,
+          importance_weight=cfg.importance_loss_weight, load_weight=cfg.load_loss_weight)
     raise ValueError(f"Unknown router_type {cfg.router_type!r}.")
 
 
