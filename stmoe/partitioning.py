@@ -14,8 +14,14 @@ table in the code base -- maps them to mesh axes. MoE expert buffers are constra
 under ``jax.jit`` GSPMD turns the change of sharding between the two into an all-to-all over the
 ``expert`` axis (see docs/training.md for why we use sharding constraints rather than shard_map).
 
+Parameters get their shardings from :func:`param_shardings`: the rules table and, with its ``fsdp``
+switch (gin/partitioning/fsdp.gin), one more dimension of every large parameter split over ``data``
+(FSDP / ZeRO-3, t5x's 2-D parameter partitioning); optimizer state follows its parameter
+(:func:`derived_shardings`).
+
 Everything here is plain functions; :func:`make_mesh` is gin-configurable through the t5x-moe macros
-``NUM_EXPERT_PARTITIONS`` and ``NUM_MODEL_PARTITIONS`` (gin/partitioning/*.gin).
+``NUM_EXPERT_PARTITIONS`` and ``NUM_MODEL_PARTITIONS``, :func:`param_shardings` through ``fsdp`` and
+``fsdp_min_size`` (gin/partitioning/*.gin).
 """
 
 from __future__ import annotations
@@ -206,6 +212,69 @@ def logical_to_sharding(logical_tree: Any, mesh: Mesh, shapes: Any = None,
   return jax.tree.map(
       lambda s, x: NamedSharding(mesh, _fit_spec(logical_to_mesh_spec(s, rules), x.shape, mesh)),
       logical_tree, shapes, is_leaf=is_leaf)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parameter shardings, optionally split over `data` as well (FSDP / ZeRO-3; t5x's 2-D parameter partitioning).
+
+# Logical dimensions FSDP never splits: a scanned stack is sliced one layer per scan iteration, so splitting
+# its `layers` dimension would gather the whole stack instead of one layer's weights.
+FSDP_EXCLUDED_LOGICAL_AXES: tuple[str, ...] = ("layers",)
+FSDP_MIN_SIZE = 2 ** 14  # elements; smaller parameters (norm scales, relpos biases, routers) stay replicated
+
+
+def fsdp_spec(spec: PartitionSpec, shape: Sequence[int], logical: PartitionSpec | Sequence[str | None] | None,
+              mesh: Mesh, min_size: int = FSDP_MIN_SIZE) -> PartitionSpec:
+  """`spec` (a fitted mesh spec) with one more dimension split over the `data` axis, if one qualifies.
+
+  The rule (deterministic, shape-only): a parameter of at least `min_size` elements gets its *largest*
+  dimension that (a) is not already split over a mesh axis of size > 1, (b) is not a scanned `layers`
+  dimension and (c) the `data` size divides, split over `data` (ties: the first such dimension). Size-1
+  mesh axes on that dimension are dropped (they split nothing). Nothing changes when `data` has size 1,
+  the spec already uses `data`, or no dimension qualifies (the parameter then stays replicated over data).
+  Only the mesh's axis sizes are read (a jax.sharding.AbstractMesh will do).
+  """
+  data = int(mesh.shape["data"])
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  if data == 1 or math.prod(shape) < min_size or any("data" in _entry_axes(e) for e in entries):
+    return PartitionSpec(*entries)
+  names = list(logical or ()) + [None] * (len(shape) - len(logical or ()))
+  candidates = [i for i, (dim, entry, name) in enumerate(zip(shape, entries, names))
+                if name not in FSDP_EXCLUDED_LOGICAL_AXES and dim % data == 0
+                and all(mesh.shape[a] == 1 for a in _entry_axes(entry))]
+  if not candidates:
+    return PartitionSpec(*entries)
+  chosen = max(candidates, key=lambda i: (shape[i], -i))  # largest; the first of equals
+  entries[chosen] = "data"
+  return PartitionSpec(*entries)
+
+
+def _entry_axes(entry: Any) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, an axis name or a tuple of names)."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+@gin.configurable(allowlist=["fsdp", "fsdp_min_size"])
+def param_shardings(logical_tree: Any, mesh: Mesh, shapes: Any, *, fsdp: bool = False,
+                    fsdp_min_size: int = FSDP_MIN_SIZE) -> Any:
+  """The parameters' NamedShardings: the rules table, and with `fsdp` one more dimension over `data`.
+
+  Without `fsdp` this is :func:`logical_to_sharding` with shapes (non-expert parameters are replicated over
+  `data`). With `fsdp` (gin: ``param_shardings.fsdp = True``, gin/partitioning/fsdp.gin) every parameter of
+  at least `fsdp_min_size` elements is also split over `data` by :func:`fsdp_spec`, and so is its optimizer
+  state (:func:`derived_shardings` follows the parameter). Activations stay batch-sharded, so under jit XLA
+  all-gathers each weight where it is used and reduce-scatters its gradient back to the shards; the results
+  do not depend on the switch (it changes where bytes live, not what is computed).
+  """
+  is_leaf = lambda x: isinstance(x, PartitionSpec) or x is None
+
+  def one(logical, x):
+    spec = _fit_spec(logical_to_mesh_spec(logical), x.shape, mesh)
+    if fsdp:
+      spec = fsdp_spec(spec, x.shape, logical, mesh, fsdp_min_size)
+    return NamedSharding(mesh, spec)
+
+  return jax.tree.map(one, logical_tree, shapes, is_leaf=is_leaf)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

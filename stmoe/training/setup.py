@@ -68,7 +68,7 @@ def setup_run(model: Any = None, mesh: Mesh | None = None, *, batch_size: int,
   input_shapes = layout.input_shapes_for(model_type, batch_size, task_feature_lengths)
   logical = model.params_logical_axes(input_shapes)
   shapes = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), input_shapes, None)["params"])
-  shardings = partitioning.logical_to_sharding(logical, mesh, shapes)
+  shardings = partitioning.param_shardings(logical, mesh, shapes)  # gin: param_shardings.fsdp
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
   setup = RunSetup(model=model, mesh=mesh, model_type=model_type, batch_size=batch_size,
                    task_feature_lengths=dict(task_feature_lengths), input_shapes=input_shapes,

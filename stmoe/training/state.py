@@ -64,7 +64,7 @@ def state_spec(model, tx: optax.GradientTransformation, input_shapes: Mapping[st
   # out_shardings; activation constraints are irrelevant for init.
   abstract = jax.eval_shape(_init_fn(model, tx, input_shapes, input_types, seed))
   logical = model.params_logical_axes(dict(input_shapes))
-  param_sh = partitioning.logical_to_sharding(logical, mesh, abstract["params"])
+  param_sh = partitioning.param_shardings(logical, mesh, abstract["params"])  # gin: param_shardings.fsdp
   rep = partitioning.replicated(mesh)
   shardings = {
       "step": rep,
