@@ -14,8 +14,8 @@ architecture. bfloat16 exports keep bfloat16 parameters (cast to float32 inside 
 `checkpoints.export.load` does), so the numbers equal the params export's.
 
 Shapes are fixed. A polymorphic batch (`batch_size=None`, `--batch_size poly`) is attempted on request but
-MoE models cannot take it: `moe.layer.group_tokens` picks the group size with min(group_size, batch * length)
-and pads the last group when the token count is not a multiple of it -- Python decisions on the token count
+MoE models cannot take it: `stmoe.moe.grouping` derives the number and size of the token groups from the
+token count (group_size is an upper bound; groups split evenly over the devices) -- Python decisions on the count
 that a symbolic batch leaves open (one-token decoding steps always hit them) -- and the rows of a group
 share expert capacity anyway, so a row's output depends on the batch it came in. Dense models may export
 with a symbolic batch.
@@ -171,7 +171,7 @@ def _export_program(fn: Callable, flat_params: Mapping[str, Any], features: Mapp
     raise ServingExportError(
         "A polymorphic batch (--batch_size poly) can't be exported for this model: "
         f"{str(e).splitlines()[0]} MoE layers choose their token groups from the number of tokens "
-        "(min(group_size, batch * length), padding the last group), which a symbolic batch leaves undecided. "
+        "(stmoe.moe.grouping: group_size is an upper bound), which a symbolic batch leaves undecided. "
         "Pass an integer --batch_size.") from None
 
 

@@ -141,7 +141,8 @@ def _findings(cfg: RouterZLoss, s: dict[str, Any]) -> list[Finding]:
   ordered = [lse[a] for a in s]  # arms in increasing coefficient order
   out.append(Finding("router z-loss shrinks the router logits (logsumexp)", "the loss's purpose (Sec. 3.1)",
                      ", ".join(f"{a} {v:.2f}" for a, v in lse.items()),
-                     all(a >= b for a, b in zip(ordered, ordered[1:])) if all(map(math.isfinite, ordered)) else None))
+                     all(a >= b for a, b in zip(ordered, ordered[1:]))
+                     if len(ordered) > 1 and all(map(math.isfinite, ordered)) else None))
   return out
 
 

@@ -203,8 +203,9 @@ def advice(report: Mapping[str, Any]) -> str:
   mem = report["memory_per_chip_bytes"]
   hints = []
   if mem["parameters"] + mem["optimizer_state"] > 0.5 * (report["hbm_per_chip_bytes"] or 1):
-    hints.append("shard parameters and optimizer state further: more expert partitions "
-                 "(NUM_EXPERT_PARTITIONS) or model partitions (NUM_MODEL_PARTITIONS)")
+    hints.append("shard parameters and optimizer state further: over data as well (--gin_file "
+                 "partitioning/fsdp.gin), more expert partitions (NUM_EXPERT_PARTITIONS) or model partitions "
+                 "(NUM_MODEL_PARTITIONS)")
   hints.append("a smaller per-chip batch (BATCH_SIZE, or NUM_MICROBATCHES for the same global batch)")
   hints.append("rematerialisation and scan over layers (ModelConfig.remat / scan_layers)")
   return (f"the train step needs {mem['total'] / GIB:.2f} GiB per chip (parameters {mem['parameters'] / GIB:.2f}, "
