@@ -38,7 +38,7 @@ class RouterZLoss:
   feature_lengths: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"inputs": 128, "targets": 32})
   train_steps: int = 300
   batch_size: int = 16
-  learning_rate: float = 0.05
+  learning_rate: float = 0.5
   optimizer: str = "adafactor"
   optimizer_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   log_period: int = 5
