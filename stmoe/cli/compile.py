@@ -38,6 +38,9 @@ def _gin_files(files: list[str]) -> list[str]:
 
 
 def _main(argv: list[str]) -> int:
+  # Compiling for a described topology never touches a TPU, so another process that holds libtpu (a training
+  # run or a second compile on this host) must not make the load fail on libtpu's single-process lock file.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   parser = argparse.ArgumentParser(prog="stmoe compile", description=main.__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   parser.add_argument("--topology", required=True,
