@@ -90,6 +90,13 @@ def test_rerun_resumes_and_foreign_configs_are_refused(fast_lm_dir, tmp_path, ca
   # The same command again: the finished runs are read back, nothing is retrained or rewritten.
   assert cli.main(["reproduce", "moe_vs_dense_lm", "--fast", "--output_dir", fast_lm_dir, "--no_progress"]) == 0
   assert _tree_digest(os.path.join(fast_lm_dir, "runs")) == runs_before
+  with open(os.path.join(fast_lm_dir, "experiment.json")) as f:
+    invocations = json.load(f)["invocations"]
+  with open(os.path.join(fast_lm_dir, "results.json")) as f:
+    results = json.load(f)
+  assert len(invocations) == 2  # the wall time of a resumed experiment is the sum of its sessions
+  assert results["total_wall_time_s"] == pytest.approx(sum(i["wall_time_s"] for i in invocations))
+  assert results["total_wall_time_s"] > results["wall_time_s"]
   before = _tree_digest(fast_lm_dir)
   # Another config (or the default budget) in the same directory: refused, nothing touched.
   assert cli.main(["reproduce", "moe_vs_dense_lm", "--fast", "--output_dir", fast_lm_dir,

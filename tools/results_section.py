@@ -15,6 +15,10 @@ import os
 import shutil
 
 
+def _wall(r: dict) -> float:
+  return float(r.get("total_wall_time_s", r["wall_time_s"]))
+
+
 def section(output_dir: str, command: str | None, docs: str) -> str:
   with open(os.path.join(output_dir, "results.json")) as f:
     r = json.load(f)
@@ -23,7 +27,7 @@ def section(output_dir: str, command: str | None, docs: str) -> str:
            f"- command: `{command or f'stmoe reproduce {name} --output_dir DIR'}`",
            f"- seeds: {r['seeds']}; hardware: {hw['cpu_count']} CPU cores ({hw['machine']}), "
            f"{hw['num_devices']} x {hw['device_kind']}, jax {hw['jax']}",
-           f"- wall time: {r['wall_time_s']:.0f} s ({r['wall_time_s'] / 60:.1f} min)", ""]
+           f"- wall time: {_wall(r):.0f} s ({_wall(r) / 60:.1f} min)", ""]
   for t in r["tables"]:
     lines += [f"**{t['title']}**", "", "| " + " | ".join(t["columns"]) + " |",
               "|" + "|".join("---" for _ in t["columns"]) + "|"]

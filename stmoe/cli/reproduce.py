@@ -61,6 +61,7 @@ def _main(argv: list[str]) -> int:
   print()
   for f in results["findings"]:
     print(f"- {f['claim']}: {f['verdict']} (ours: {f['ours']}; paper: {f['paper']})")
-  print(f"stmoe reproduce: {args.name} done in {results['wall_time_s']:.0f}s; wrote "
+  print(f"stmoe reproduce: {args.name} done in {results['wall_time_s']:.0f}s ({results['total_wall_time_s']:.0f}s over "
+        f"all invocations); wrote "
         f"{args.output_dir}/results.json, results.md and {len(results['plots'])} plot(s)")
   return 0

@@ -140,7 +140,7 @@ def hardware() -> dict[str, Any]:
 
 def _guard_output_dir(ctx: ExperimentContext, config_text: str) -> None:
   """Refuse a directory that holds another experiment or configuration; record ours otherwise."""
-  record = {"experiment": ctx.name, "fast": ctx.fast, "seeds": ctx.seeds, "config": config_text}
+  record = {"experiment": ctx.name, "fast": ctx.fast, "seeds": ctx.seeds, "config": config_text, "invocations": []}
   path = ctx.path(EXPERIMENT_FILE)
   if os.path.exists(path):
     try:
@@ -158,6 +158,7 @@ def _guard_output_dir(ctx: ExperimentContext, config_text: str) -> None:
                       f"new --output_dir (or rerun with exactly the same flags to resume that run).")
     # More seeds than last time extend the experiment: the finished seeds are reused.
     record["seeds"] = sorted(set(previous.get("seeds", [])) | set(ctx.seeds))
+    record["invocations"] = previous.get("invocations", [])
   elif os.path.isdir(ctx.output_dir) and os.listdir(ctx.output_dir):
     raise UserError(f"{ctx.output_dir} exists and is not empty, but holds no {EXPERIMENT_FILE}: it is not an "
                     f"stmoe reproduce output directory. Choose a new or empty --output_dir.")
@@ -184,9 +185,11 @@ def run_experiment(name: str, output_dir: str, *, fast: bool = False, num_seeds:
       f.reproduced = None
     report.notes.insert(0, "--fast: a smoke-test budget that checks the code path and the output files; the "
                            "verdicts are 'inconclusive' by construction. Run without --fast for the science.")
+  wall = time.time() - ctx.t_start
+  total = _record_invocation(ctx, wall)
   results = {
       "experiment": name, "description": EXPERIMENTS[name].description, "fast": fast, "seeds": ctx.seeds,
-      "config": config_text, "hardware": hardware(), "wall_time_s": time.time() - ctx.t_start,
+      "config": config_text, "hardware": hardware(), "wall_time_s": wall, "total_wall_time_s": total,
       "summary": report.summary, "runs": report.runs, "paper": report.paper,
       "findings": [dataclasses.asdict(f) | {"verdict": f.verdict()} for f in report.findings],
       "tables": [dataclasses.asdict(t) for t in report.tables], "plots": report.plots, "notes": report.notes,
@@ -196,6 +199,19 @@ def run_experiment(name: str, output_dir: str, *, fast: bool = False, num_seeds:
   return results
 
 
+def _record_invocation(ctx: ExperimentContext, wall: float) -> float:
+  """Appends this invocation's wall time to experiment.json; returns the total over all invocations (a resumed
+  experiment's cost is the sum of its sessions, not the last one, which may only read finished runs back)."""
+  path = ctx.path(EXPERIMENT_FILE)
+  with open(path) as f:
+    record = json.load(f)
+  record.setdefault("invocations", []).append({"started": time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                                        time.localtime(ctx.t_start)),
+                                               "wall_time_s": wall, "seeds": ctx.seeds})
+  write_json_atomic(path, record)
+  return float(sum(i["wall_time_s"] for i in record["invocations"]))
+
+
 def markdown_report(results: dict[str, Any], report: Report) -> str:
   """results.md: the command's facts, every table, the findings, the plots and the notes."""
   hw = results["hardware"]
@@ -203,7 +219,8 @@ def markdown_report(results: dict[str, Any], report: Report) -> str:
            f"- seeds: {results['seeds']}{' (--fast: a smoke-test budget, not science)' if results['fast'] else ''}",
            f"- hardware: {hw['cpu_count']} CPU cores, {hw['num_devices']} x {hw['device_kind']} ({hw['platform']}), "
            f"jax {hw['jax']}",
-           f"- wall time: {results['wall_time_s']:.0f} s", ""]
+           f"- wall time: {results['total_wall_time_s']:.0f} s over all invocations (this one: "
+           f"{results['wall_time_s']:.0f} s)", ""]
   for t in report.tables:
     lines += [t.markdown(), ""]
   if report.findings:
