@@ -21,6 +21,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "test": [
         "pytest>=8",
+        "pytest-xdist>=3.5",  # the suite runs on 2 workers: compilation is single-threaded
         "torch==2.13.0",
         "transformers==4.57.6",
     ],

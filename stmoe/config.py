@@ -141,6 +141,11 @@ class MoeConfig:
   # padded to blocks of dropless_block_size, fast on CPU) or "auto" (blocked on CPU, ragged elsewhere).
   dropless_impl: Literal["auto", "ragged", "blocked"] = "auto"
   dropless_block_size: int = 128
+  # grouped/dropless under expert parallelism (a mesh "expert" axis of size > 1; stmoe/moe/expert_parallel.py): rows
+  # of each device's receive buffer, as a multiple of its own (token, choice) rows. None: the worst case, the expert
+  # partition count (every peer sends all its rows to one device), so nothing drops. A smaller bound saves memory;
+  # rows that do not fit are dropped (they output zero, like capacity drops).
+  expert_parallel_buffer_factor: float | None = None
   # Top-k options.
   renormalize: Renormalize = "none"  # renormalise the k gates by their sum, before/after dropping
   second_expert_policy: SecondExpertPolicy = "all"
@@ -184,6 +189,9 @@ class MoeConfig:
     object.__setattr__(self, "activations", tuple(self.activations))
     if self.num_experts < 1:
       raise ValueError(f"MoeConfig.num_experts must be >= 1, got {self.num_experts}.")
+    if self.expert_parallel_buffer_factor is not None and not self.expert_parallel_buffer_factor > 0:
+      raise ValueError("MoeConfig.expert_parallel_buffer_factor must be None (no bound) or > 0, got "
+                       f"{self.expert_parallel_buffer_factor}.")
     if not 1 <= self.num_selected_experts <= self.num_experts:
       raise ValueError(
           f"MoeConfig.num_selected_experts={self.num_selected_experts} must be between 1 and "

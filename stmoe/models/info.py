@@ -61,6 +61,11 @@ def _group_of(path: tuple[str, ...]) -> str:
 def model_facts(model: BaseModel, inputs_length: int = 512, targets_length: int = 114) -> ModelFacts:
   """Counts from abstract shapes; sequence lengths only matter for attention FLOPs."""
   cfg: ModelConfig = model.config
+  if cfg.scan_layers:
+    # Scanned stacks put a `layers` axis before the expert axis of the stacked expert weights; count the
+    # same parameters unscanned, where axis 0 of every expert weight is the expert axis.
+    cfg = dataclasses.replace(cfg, scan_layers=False, remat=False)
+    model = type(model)(cfg)
   if cfg.decoder_only:
     shapes = {"decoder_input_tokens": (1, 8)}
   else:

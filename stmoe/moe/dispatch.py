@@ -16,8 +16,10 @@ give identical results when nothing is dropped:
   rows and a loop over blocks of one expert each ("blocked", MegaBlocks-style; still exact).
   With a capacity-limited route (``MoeConfig.dispatch="grouped"``) the same function computes exactly
   what einsum/sort compute, drops included, but only for the kept rows: no FLOPs on empty capacity
-  slots (half of sort's expert FLOPs at capacity factor 2). It has no expert-major buffer to shard, so
-  it suits one device or pure data parallelism; use sort for expert parallelism.
+  slots (half of sort's expert FLOPs at capacity factor 2). Its row array is global (all groups), which
+  suits one device or pure data parallelism; under expert parallelism MoeLayer uses
+  :func:`stmoe.moe.expert_parallel.dispatch_dropless_expert_parallel` instead, which sorts each
+  device's rows locally and moves them to their experts' devices with ragged all-to-alls.
 
 Dropped (token, choice) pairs and padding tokens contribute exactly zero.
 """
@@ -172,6 +174,27 @@ def block_grouped_matmul(x: jax.Array, w: jax.Array, block_start: jax.Array, blo
   return _bgmm_fwd_impl(x, w, block_start, block_end)
 
 
+def varying_axes(x: jax.Array) -> frozenset[str]:
+  """The manual mesh axes `x` varies over inside jax.shard_map (empty outside)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)
+  return frozenset(manual.varying) if manual is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _varying_like(z: jax.Array, *refs: jax.Array) -> jax.Array:
+  """A fresh loop carry `z` marked varying over the manual mesh axes `refs` vary over (inside shard_map, as in
+  stmoe/moe/expert_parallel.py); the identity elsewhere."""
+  missing = tuple(sorted(frozenset().union(*map(varying_axes, refs)) - varying_axes(z)))
+  return jax.lax.pcast(z, missing, to="varying") if missing else z
+
+
+def _sum_to_primal_axes(ct: jax.Array, primal: jax.Array) -> jax.Array:
+  """A cotangent summed over the manual axes it varies over and its primal does not (a weight replicated over
+  `data` inside shard_map gets the sum of the devices' gradients); the identity outside shard_map."""
+  extra = tuple(sorted(varying_axes(ct) - varying_axes(primal)))
+  return jax.lax.psum(ct, extra) if extra else ct
+
+
 def _bgmm_fwd_impl(x, w, block_start, block_end):
   out_dtype = jnp.result_type(x, w)
 
@@ -186,7 +209,7 @@ def _bgmm_fwd_impl(x, w, block_start, block_end):
     _, out = jax.lax.while_loop(lambda c: c[0] < block_end[e], body, (block_start[e], out))
     return out
 
-  out0 = jnp.zeros((x.shape[0], x.shape[1], w.shape[-1]), out_dtype)  # [blocks, block, out]
+  out0 = _varying_like(jnp.zeros((x.shape[0], x.shape[1], w.shape[-1]), out_dtype), x, w)  # [blocks, block, out]
   return jax.lax.fori_loop(0, w.shape[0], per_expert, out0)
 
 
@@ -212,13 +235,13 @@ def _bgmm_bwd(res, dy):
       return b + 1, dx, dwe + product_contract_rows(xb, dyb, acc)
 
     _, dx, dwe = jax.lax.while_loop(lambda c: c[0] < block_end[e], body,
-                                    (block_start[e], dx, jnp.zeros(w.shape[1:], acc)))
+                                    (block_start[e], dx, _varying_like(jnp.zeros(w.shape[1:], acc), x, dy, w)))
     return dx, jax.lax.dynamic_update_index_in_dim(dw, dwe, e, 0)
 
-  dx0 = jnp.zeros(x.shape, dx_dtype)
-  dw0 = jnp.zeros(w.shape, acc)
+  dx0 = _varying_like(jnp.zeros(x.shape, dx_dtype), x, dy, w)
+  dw0 = _varying_like(jnp.zeros(w.shape, acc), x, dy, w)
   dx, dw = jax.lax.fori_loop(0, w.shape[0], per_expert, (dx0, dw0))
-  return dx.astype(x.dtype), dw.astype(w.dtype), None, None
+  return (_sum_to_primal_axes(dx.astype(x.dtype), x), _sum_to_primal_axes(dw.astype(w.dtype), w), None, None)
 
 
 block_grouped_matmul.defvjp(_bgmm_fwd, _bgmm_bwd)

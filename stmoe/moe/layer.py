@@ -5,7 +5,10 @@ split into routing groups of at most ``MoeConfig.group_size`` tokens that split 
 holding the batch (stmoe/moe/grouping.py; capacity is per group); the router
 (submodule ``router``) decides slots and weights; the dispatch implementation chosen by
 ``MoeConfig.dispatch`` moves tokens to the experts (submodule ``experts``) and back. Dropped tokens
-and padding tokens output exactly zero (the model's residual connection carries them).
+and padding tokens output exactly zero (the model's residual connection carries them). With dispatch
+"dropless" or "grouped" and a mesh whose ``expert`` axis has more than one device, the rows travel to the
+devices holding their experts by (ragged) all-to-alls (stmoe/moe/expert_parallel.py); otherwise, and on
+one device, dispatch_dropless sorts all groups' rows globally.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import jax.numpy as jnp
 
 from stmoe.config import MoeConfig
 from stmoe.moe import dispatch as dispatch_lib
+from stmoe.moe import expert_parallel
 from stmoe.moe.experts import Experts
 from stmoe.moe.grouping import group_tokens, token_group_shards, ungroup_tokens
 from stmoe.moe.metrics import MoeAux, aux_from_route
@@ -78,8 +82,22 @@ class MoeLayer(nn.Module):
 
     if cfg.dispatch in ("dropless", "grouped"):  # grouped: the capacity-limited route, kept rows only
       impl = None if cfg.dropless_impl == "auto" else cfg.dropless_impl
-      y = dispatch_lib.dispatch_dropless(tokens, route, run_experts, cfg.num_experts, impl=impl,
-                                         block_size=cfg.dropless_block_size)  # [g, G, d]
+      plan = expert_parallel.expert_parallel_plan(cfg.num_experts, layout.num_groups)
+      if plan is not None:  # experts split over devices: rows travel by all-to-all (stmoe/moe/expert_parallel.py)
+        _note_once(f"MoeLayer: dispatch={cfg.dispatch} over {plan.expert_shards} expert shards: rows move by "
+                   f"{expert_parallel.default_exchange()} all-to-all (receive buffer factor "
+                   f"{cfg.expert_parallel_buffer_factor or plan.expert_shards}).")
+        y = expert_parallel.dispatch_dropless_expert_parallel(
+            tokens, route, run_experts, cfg.num_experts, plan, d_ff=cfg.d_ff,
+            num_input_projections=len(cfg.activations), impl=impl, block_size=cfg.dropless_block_size,
+            buffer_factor=cfg.expert_parallel_buffer_factor)  # [g, G, d]
+      else:
+        if expert_parallel.expert_axis_size() > 1:
+          _note_once(f"MoeLayer: dispatch={cfg.dispatch}: {layout.num_groups} token groups or {cfg.num_experts} "
+                     "experts do not split evenly over the mesh, so the expert-parallel dispatch is off; the "
+                     "global row sort all-gathers the expert weights instead.")
+        y = dispatch_lib.dispatch_dropless(tokens, route, run_experts, cfg.num_experts, impl=impl,
+                                           block_size=cfg.dropless_block_size)  # [g, G, d]
     else:
       y = dispatch_lib.DISPATCHERS[cfg.dispatch](tokens, route, run_experts, cfg.num_experts)  # [g, G, d]
     y = nn.with_logical_constraint(y, ("batch", None, "embed"))

@@ -35,7 +35,15 @@ from stmoe.training import step as step_lib
 GIB = 2 ** 30
 # HBM per chip (GiB) of the TPU generations `--topology` accepts.
 HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5litepod": 16.0, "v5p": 95.0, "v6e": 32.0}
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# Published peak dense bf16 FLOP/s per chip (Google Cloud TPU system architecture pages): what a step's
+# model FLOPs are divided by to project its time at a given model FLOPs utilisation (MFU).
+PEAK_BF16_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5litepod": 197e12, "v5p": 459e12, "v6e": 918e12}
+# The MFUs `stmoe compile` projects a step at: 40% is what well-tuned large MoE runs report, 55% the best
+# published dense-model figures.
+PROJECTED_MFUS = (0.40, 0.55)
+# ragged-all-to-all (jax.lax.ragged_all_to_all: the dropless dispatch under expert parallelism) is its own kind;
+# its bytes are those of its result, the static receive buffer, an upper bound on what it really sends.
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
                 "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 
@@ -119,6 +127,8 @@ def _shard_bytes(tree: Any) -> int:
   return int(total)
 
 
+# A computation's header line: `%name (params) -> result_type {`.
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.-]+) \(.*\) -> (.*) \{\s*$")
 _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
 
 
@@ -133,21 +143,35 @@ def _bytes_of(text: str) -> int:
 def collectives(hlo_text: str) -> dict[str, dict[str, Any]]:
   """{kind: {"count", "bytes", "ops": [{"name", "bytes", "op_name", "expert_parameter"}]}} of an HLO module.
 
-  Async pairs (`*-start` / `*-done`) count once, at their start. `op_name` is the JAX source op the
+  Async pairs (`*-start` / `*-done`) count once, at their start; `ragged-all-to-all` is not also an
+  `all-to-all`; the all-reduce inside an XLA:TPU `all-reduce-scatter` fusion is a reduce-scatter (bytes:
+  the shard it yields). `op_name` is the JAX source op the
   collective came from; an all-gather whose op_name points at `moe/experts` is flagged: expert weights
   must stay sharded over the expert axis and never be gathered.
   """
   out: dict[str, dict[str, Any]] = {k: {"count": 0, "bytes": 0, "ops": []} for k in COLLECTIVES}
+  scatter_bytes = None  # inside an XLA:TPU `all-reduce-scatter` computation: the bytes of its result (a shard)
   for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      scatter_bytes = _bytes_of(header.group(2)) if header.group(1).startswith("all-reduce-scatter") else None
+      continue
+    if line.startswith("}"):
+      scatter_bytes = None
+      continue
     if "=" not in line:
       continue
     lhs, rhs = line.split("=", 1)
     for kind in COLLECTIVES:
-      m = re.search(rf"\b{kind}(-start)?\(", rhs)
+      m = re.search(rf"(?<![\w-]){kind}(-start)?\(", rhs)  # whole name: all-to-all is not ragged-all-to-all
       if not m or f"{kind}-done(" in rhs:
         continue
       head = rhs[:m.start()]
       size = _bytes_of(head)
+      if kind == "all-reduce" and scatter_bytes is not None:
+        # XLA:TPU fuses all-reduce + dynamic-slice into an `all-reduce-scatter` computation: a reduce-scatter,
+        # counted as one at the size of the shard it yields (as a reduce-scatter instruction's result).
+        kind, size = "reduce-scatter", scatter_bytes
       op_name = re.search(r'op_name="([^"]*)"', rhs)
       op = op_name.group(1) if op_name else ""
       out[kind]["count"] += 1
@@ -158,7 +182,24 @@ def collectives(hlo_text: str) -> dict[str, dict[str, Any]]:
   return out
 
 
-def analyse(step: CompiledStep, *, hbm_gib: float | None, model_flops_per_step: float | None = None) -> dict[str, Any]:
+def projection(model_flops_per_step: float | None, tokens_per_step: int, num_devices: int,
+               peak_flops_per_chip: float | None) -> dict[str, dict[str, float]]:
+  """{"mfu_0.40": {"step_seconds", "tokens_per_second"}, ...}: the step at each of `PROJECTED_MFUS`.
+
+  step time = model FLOPs per step / (chips x peak FLOP/s per chip x MFU); empty when the peak or the model
+  FLOPs are unknown (CPU devices).
+  """
+  if not model_flops_per_step or not peak_flops_per_chip:
+    return {}
+  out = {}
+  for mfu in PROJECTED_MFUS:
+    seconds = model_flops_per_step / (num_devices * peak_flops_per_chip * mfu)
+    out[f"mfu_{mfu:.2f}"] = {"step_seconds": seconds, "tokens_per_second": tokens_per_step / seconds}
+  return out
+
+
+def analyse(step: CompiledStep, *, hbm_gib: float | None, model_flops_per_step: float | None = None,
+            peak_flops_per_chip: float | None = None) -> dict[str, Any]:
   """The per-chip report of a compiled step (see the module docstring); `fits` against `hbm_gib`."""
   mem = step.compiled.memory_analysis()
   spec = step.setup.spec
@@ -175,6 +216,7 @@ def analyse(step: CompiledStep, *, hbm_gib: float | None, model_flops_per_step: 
   flops = float((cost or {}).get("flops", float("nan")))
   colls = collectives(step.compiled.as_text())
   num_devices = int(np.prod(list(step.setup.mesh.shape.values())))
+  tokens_per_step = step.setup.batch_size * sum(step.setup.task_feature_lengths.values())
   report = {
       "mesh": dict(step.setup.mesh.shape),
       "num_devices": num_devices,
@@ -191,6 +233,9 @@ def analyse(step: CompiledStep, *, hbm_gib: float | None, model_flops_per_step: 
       "model_flops_per_step": model_flops_per_step,
       "compiler_vs_model_flops": (flops * num_devices / model_flops_per_step
                                   if model_flops_per_step and math.isfinite(flops) else None),
+      "tokens_per_step": tokens_per_step,
+      "peak_bf16_flops_per_chip": peak_flops_per_chip,
+      "projected": projection(model_flops_per_step, tokens_per_step, num_devices, peak_flops_per_chip),
       "collectives": {k: {"count": v["count"], "bytes": v["bytes"]} for k, v in colls.items()},
       "all_gathers": [op for op in colls["all-gather"]["ops"]],
       "expert_parameter_all_gathers": [op for op in colls["all-gather"]["ops"] if op["expert_parameter"]],

