@@ -252,6 +252,52 @@ def default_dropless_impl() -> str:
   return "blocked" if target_platform() == "cpu" else "ragged"
 
 
+def segment_rows(per_expert: jax.Array, impl: str, block_size: int) -> jax.Array:
+  """Rows each expert's segment takes in an expert-sorted array: its count, or whole blocks for "blocked"."""
+  if impl == "ragged":
+    return per_expert
+  return (per_expert + block_size - 1) // block_size * block_size  # [e] padded to whole blocks
+
+
+def sorted_num_rows(num_choices: int, num_experts: int, impl: str, block_size: int) -> int:
+  """Static rows of an expert-sorted array holding `num_choices` rows (plus block padding for "blocked")."""
+  if impl == "ragged":
+    return num_choices
+  return -(-(num_choices + num_experts * (block_size - 1)) // block_size) * block_size  # bound on sum(segments)
+
+
+def sort_by_expert(expert_index: jax.Array, position: jax.Array, kept: jax.Array, num_experts: int,
+                   num_rows: int, impl: str = "ragged", block_size: int = 128) -> tuple[jax.Array, jax.Array]:
+  """(rows [g, t, k], per_expert [e]): each kept choice's row in an expert-sorted array of `num_rows` rows.
+
+  Experts' segments follow one another (each padded to whole blocks for "blocked"); within a segment,
+  groups in order and, within a group, the choice's `position`. Dropped choices get `num_rows` (no row).
+  """
+  g, t, k = expert_index.shape
+  counts = jnp.sum(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32) * kept[..., None],
+                   axis=(1, 2))  # [g, e]: kept choices per group and expert
+  group_offset = jnp.cumsum(counts, axis=0) - counts  # [g, e]: rows of earlier groups within an expert
+  per_expert = jnp.sum(counts, axis=0)  # [e]
+  segment = segment_rows(per_expert, impl, block_size)
+  start = jnp.cumsum(segment) - segment  # [e]
+  within = jnp.take_along_axis(group_offset, expert_index.reshape(g, t * k), axis=1).reshape(g, t, k)
+  rows = jnp.where(kept, start[expert_index] + within + position, num_rows)  # [g, t, k]
+  return rows, per_expert
+
+
+def grouped_matmul(a: jax.Array, w: jax.Array, group_sizes: jax.Array, impl: str, block_size: int) -> jax.Array:
+  """a [rows, in] expert-sorted (segments as `sort_by_expert` lays them out), w [e, in, out] -> [rows, out]."""
+  if impl == "ragged":
+    return jax.lax.ragged_dot(a, w, group_sizes.astype(jnp.int32))
+  segment = segment_rows(group_sizes, impl, block_size)
+  start = jnp.cumsum(segment) - segment  # [e]
+  num_blocks = a.shape[0] // block_size
+  out = block_grouped_matmul(a.reshape(num_blocks, block_size, a.shape[-1]), w,
+                             (start // block_size).astype(jnp.int32),  # first block of each expert
+                             ((start + segment) // block_size).astype(jnp.int32))  # its end (exclusive)
+  return out.reshape(a.shape[0], w.shape[-1])
+
+
 def dispatch_dropless(x: jax.Array, route: RouterOutput, experts: ExpertsFn, num_experts: int,
                       impl: str | None = None, block_size: int = 128) -> jax.Array:
   """Expert-sorted rows of the kept choices and a grouped matmul (see module docstring).
@@ -265,35 +311,13 @@ def dispatch_dropless(x: jax.Array, route: RouterOutput, experts: ExpertsFn, num
     raise ValueError(f"dropless impl={impl!r} is not 'ragged' or 'blocked'.")
   g, t, d = x.shape
   k = route.expert_index.shape[-1]
-  e = num_experts
-  counts = jnp.sum(jax.nn.one_hot(route.expert_index, e, dtype=jnp.int32) * route.kept[..., None],
-                   axis=(1, 2))  # [g, e]: kept choices per group and expert
-  group_offset = jnp.cumsum(counts, axis=0) - counts  # [g, e]: rows of earlier groups within an expert
-  per_expert = jnp.sum(counts, axis=0)  # [e]
-  if impl == "ragged":
-    segment = per_expert
-    num_rows = g * t * k
-  else:
-    segment = (per_expert + block_size - 1) // block_size * block_size  # [e] padded to whole blocks
-    num_blocks = -(-(g * t * k + e * (block_size - 1)) // block_size)  # static bound on sum(segment)/block
-    num_rows = num_blocks * block_size
-  start = jnp.cumsum(segment) - segment  # [e]
-  within = jnp.take_along_axis(group_offset, route.expert_index.reshape(g, t * k), axis=1).reshape(g, t, k)
-  rows = jnp.where(route.kept, start[route.expert_index] + within + route.position, num_rows)  # [g, t, k]
+  num_rows = sorted_num_rows(g * t * k, num_experts, impl, block_size)
+  rows, per_expert = sort_by_expert(route.expert_index, route.position, route.kept, num_experts, num_rows,
+                                    impl, block_size)  # [g, t, k], [e]
   x_rows, row_assign = _gather_to_rows(x, rows, num_rows)  # [rows, d], [rows]
 
-  if impl == "ragged":
-    group_sizes = per_expert.astype(jnp.int32)
-
-    def matmul(a, w):
-      return jax.lax.ragged_dot(a, w, group_sizes)  # [rows, out]
-  else:
-    first_block = (start // block_size).astype(jnp.int32)  # [e]
-    last_block = ((start + segment) // block_size).astype(jnp.int32)  # [e] (exclusive)
-
-    def matmul(a, w):
-      out = block_grouped_matmul(a.reshape(num_blocks, block_size, a.shape[-1]), w, first_block, last_block)
-      return out.reshape(num_rows, w.shape[-1])  # [rows, out]
+  def matmul(a, w):
+    return grouped_matmul(a, w, per_expert, impl, block_size)  # [rows, out]
 
   out_rows = experts(x_rows, matmul)  # [rows, d]
   out_tok = _gather_from_rows(out_rows, rows, row_assign)  # [g, t, k, d]

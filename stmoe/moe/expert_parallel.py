@@ -42,8 +42,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from stmoe.moe.dispatch import (ExpertsFn, _combine, _gather_from_rows, _gather_to_rows, block_grouped_matmul,
-                                default_dropless_impl, permute_rows, varying_axes)
+from stmoe.moe.dispatch import (ExpertsFn, _combine, _gather_from_rows, _gather_to_rows, default_dropless_impl,
+                                grouped_matmul, permute_rows, segment_rows, sort_by_expert, sorted_num_rows,
+                                varying_axes)
 from stmoe.moe.routing import RouterOutput
 from stmoe.platform import target_platform
 
@@ -145,20 +146,6 @@ def _permute(src: jax.Array, index: jax.Array, inverse: jax.Array | None = None)
   return permute_rows(src, index, inverse[:, None])
 
 
-def _segments(counts: jax.Array, impl: str, block_size: int) -> jax.Array:
-  """Rows each local expert's segment takes in the expert-major buffer (whole blocks for "blocked")."""
-  if impl == "ragged":
-    return counts
-  return (counts + block_size - 1) // block_size * block_size
-
-
-def expert_major_rows(num_rows: int, num_local_experts: int, impl: str, block_size: int) -> int:
-  """Static rows of the expert-major buffer holding `num_rows` received rows (plus block padding)."""
-  if impl == "ragged":
-    return num_rows
-  return -(-(num_rows + num_local_experts * (block_size - 1)) // block_size) * block_size
-
-
 def _varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
   """`x` marked as varying over `axes` (a fresh zeros buffer must match the vma of what is written into it)."""
   missing = tuple(a for a in axes if a not in varying_axes(x))
@@ -187,15 +174,11 @@ def _exchange_local(x, expert_index, position, kept, *, num_experts: int, plan: 
   el = e // xs
   n = gl * t * k
   rr = buffer_rows
-  rm = expert_major_rows(rr, el, impl, block_size)
+  rm = sorted_num_rows(rr, el, impl, block_size)
 
   # My kept choices, sorted by expert (as dispatch_dropless does, but over my groups only).
-  counts = jnp.sum(jax.nn.one_hot(expert_index, e, dtype=jnp.int32) * kept[..., None], axis=(1, 2))  # [gl, e]
-  group_offset = jnp.cumsum(counts, axis=0) - counts  # [gl, e]
-  per_expert = jnp.sum(counts, axis=0)  # [e]
-  start = _excl_cumsum(per_expert)  # [e]
-  within = jnp.take_along_axis(group_offset, expert_index.reshape(gl, t * k), axis=1).reshape(gl, t, k)
-  rows = jnp.where(kept, start[expert_index] + within + position, n).astype(jnp.int32)  # [gl, t, k]
+  rows, per_expert = sort_by_expert(expert_index, position, kept, e, n)  # [gl, t, k], [e]
+  rows = rows.astype(jnp.int32)
   x_send, row_assign = _gather_to_rows(x, rows, n)  # [n, d], [n]
   by_shard = per_expert.reshape(xs, el)  # [X, El]: my rows for each expert shard's experts
   send_full = jnp.sum(by_shard, axis=1)  # [X]
@@ -229,7 +212,7 @@ def _exchange_local(x, expert_index, position, kept, *, num_experts: int, plan: 
 
   # Packed (sender, expert) segments -> expert-major (expert, sender) segments.
   local_counts = jnp.sum(kept_counts, axis=0)  # [El]
-  exp_start = _excl_cumsum(_segments(local_counts, impl, block_size))  # [El]
+  exp_start = _excl_cumsum(segment_rows(local_counts, impl, block_size))  # [El]
   sender_off = _excl_cumsum(kept_counts, axis=0)  # [X, El]
   flat_end = jnp.cumsum(kept_counts.reshape(-1))  # [X * El], the packed buffer's segments in order
   q = jnp.arange(rr, dtype=jnp.int32)
@@ -268,18 +251,6 @@ def _reverse_local(out_em, rows, row_assign, dest, src, meta, *, plan: ExpertPar
   return _gather_from_rows(y_send, rows, row_assign)  # [gl, t, k, d]
 
 
-def _local_grouped_matmul(a: jax.Array, w: jax.Array, counts: jax.Array, impl: str, block_size: int) -> jax.Array:
-  """a [Rm, in] expert-major rows, w [El, in, out] local experts, counts [El] -> [Rm, out]."""
-  if impl == "ragged":
-    return jax.lax.ragged_dot(a, w, counts)
-  seg = _segments(counts, impl, block_size)
-  start = _excl_cumsum(seg)
-  num_blocks = a.shape[0] // block_size
-  out = block_grouped_matmul(a.reshape(num_blocks, block_size, a.shape[-1]), w, (start // block_size).astype(
-      jnp.int32), ((start + seg) // block_size).astype(jnp.int32))
-  return out.reshape(a.shape[0], w.shape[-1])
-
-
 def _experts_matmul(plan: ExpertParallelPlan, counts: jax.Array, impl: str, block_size: int, d_model: int,
                     d_ff: int, num_inputs: int) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """The `matmul(x, w)` the Experts module calls, on rows sharded over the batch axes and weights over experts.
@@ -301,13 +272,13 @@ def _experts_matmul(plan: ExpertParallelPlan, counts: jax.Array, impl: str, bloc
       is_input = index < num_inputs
     if is_input:
       def local(xl, cl, wl):
-        return _local_grouped_matmul(xl, wl, cl, impl, block_size)
+        return grouped_matmul(xl, wl, cl, impl, block_size)
 
       f = jax.shard_map(local, mesh=plan.mesh, in_specs=(P(b, None), rows_spec, P(plan.expert_axis, None, mx)),
                         out_specs=P(b, mx))
     else:
       def local(xl, cl, wl):
-        out = _local_grouped_matmul(xl, wl, cl, impl, block_size)
+        out = grouped_matmul(xl, wl, cl, impl, block_size)
         return jax.lax.psum(out, mx) if mx else out
 
       f = jax.shard_map(local, mesh=plan.mesh, in_specs=(P(b, mx), rows_spec, P(plan.expert_axis, mx, None)),
